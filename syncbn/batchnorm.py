@@ -1,0 +1,174 @@
+"""``SyncBatchNorm``: BatchNorm over the global batch of a process group, on any backend.
+
+A drop-in for ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` that also runs on CPU/Gloo,
+where ``nn.SyncBatchNorm`` refuses to run. Same parameters, buffers and ``state_dict`` keys as
+torch's BatchNorm, so checkpoints move freely between the two.
+
+Use with DDP::
+
+    model = convert_sync_batchnorm(model)
+    model = DistributedDataParallel(model, broadcast_buffers=False)
+
+``broadcast_buffers=False``: every rank already computes the same running statistics from the same
+global batch, so DDP's default re-broadcast from rank 0 is one extra collective per step for nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn.functional import sync_batch_norm
+
+_PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
+
+
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics cover every rank of ``process_group`` (default: WORLD).
+
+    Input ``(N, C, *)`` of any rank >= 2. In training mode, inside an initialized group of more than
+    one rank, it normalizes with the mean and biased variance of all ranks' samples together and
+    updates the running statistics with the unbiased variance of that global batch: one all-gather in
+    forward, one in backward. Per-rank batch sizes may differ and may be zero. In eval mode, without
+    a process group, or in a group of one, it is exactly ``F.batch_norm`` with no communication.
+
+    Gradients: the input gradient is the gradient of the sum of every rank's loss; ``weight.grad``
+    and ``bias.grad`` are this rank's share of it. DDP's averaging of all gradients therefore gives
+    the gradient of the mean of the ranks' losses, as for every other layer.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.plain_class: type[_BatchNorm] | None = None
+        self.last_input_dim: int | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"SyncBatchNorm expects input of shape (N, C, *) with at least 2 dimensions, "
+                f"got a {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+        if input.size(1) != self.num_features:
+            raise ValueError(
+                f"SyncBatchNorm({self.num_features}) expects {self.num_features} channels in dim 1, "
+                f"got input of shape {tuple(input.shape)} with {input.size(1)} channels"
+            )
+
+    def _group_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self.last_input_dim = input.dim()
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        if self.training and batch_stats and self._group_size() > 1:
+            group = self.process_group or dist.group.WORLD
+            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+
+
+def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
+    """Give ``target`` the very parameter and buffer objects of ``source``, and its mode."""
+    for name in ("weight", "bias"):
+        setattr(target, name, getattr(source, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(target, name, getattr(source, name))
+    target.train(source.training)
+    return target
+
+
+def _norm_args(module: _BatchNorm) -> dict:
+    return dict(
+        num_features=module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device="meta",
+    )
+
+
+def _replace_layers(module: nn.Module, replace) -> nn.Module:
+    """Apply ``replace`` (layer -> new layer, or None to descend) through the module tree."""
+    replaced = replace(module)
+    if replaced is not None:
+        return replaced
+    for name, child in module.named_children():
+        new_child = _replace_layers(child, replace)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours.
+
+    The new layers hold the same parameter and buffer objects and the same train/eval mode.
+    Containers are changed in place; the (possibly new) root is returned.
+    """
+
+    def to_sync(layer: nn.Module) -> SyncBatchNorm | None:
+        if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncBatchNorm):
+            return None
+        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group))
+        if not isinstance(layer, nn.SyncBatchNorm):
+            converted.plain_class = type(layer)
+        return converted
+
+    return _replace_layers(module, to_sync)
+
+
+def _plain_class_for(layer: SyncBatchNorm) -> type[_BatchNorm]:
+    if layer.plain_class is not None:
+        return layer.plain_class
+    if layer.last_input_dim is None:
+        raise ValueError(
+            "revert_sync_batchnorm cannot tell whether a SyncBatchNorm should become BatchNorm1d, 2d or 3d: "
+            "it was not made by convert_sync_batchnorm and has not seen an input yet; run one forward pass first"
+        )
+    if layer.last_input_dim not in _PLAIN_BY_INPUT_DIM:
+        raise ValueError(f"no plain torch BatchNorm takes the {layer.last_input_dim}D input this SyncBatchNorm last saw")
+    return _PLAIN_BY_INPUT_DIM[layer.last_input_dim]
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Inverse of :func:`convert_sync_batchnorm`, for single-device inference and export.
+
+    Each ``SyncBatchNorm`` becomes the plain torch BatchNorm class it was converted from, or else the
+    one for the input rank it last saw, holding the same parameter and buffer objects.
+    """
+
+    def to_plain(layer: nn.Module) -> _BatchNorm | None:
+        if not isinstance(layer, SyncBatchNorm):
+            return None
+        return _move_state(layer, _plain_class_for(layer)(**_norm_args(layer)))
+
+    return _replace_layers(module, to_plain)

@@ -1,0 +1,187 @@
+"""The functional core of synchronized BatchNorm: one autograd Function, one collective each way.
+
+Forward, on every rank of the group:
+  1. local count, mean and biased variance per channel (Welford, in float32 or wider);
+  2. one ``all_gather`` of the packed ``[count, mean, var]`` (float64, so counts stay exact);
+  3. the same merge everywhere, Chan's parallel formula in float64, which stays exact where
+     the textbook ``E[x^2] - E[x]^2`` cancels catastrophically (channels with mean 1e4, std 1);
+  4. one fused ``F.batch_norm`` pass with the global statistics, keeping dtype and memory format.
+
+Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; one ``all_gather``
+of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
+the input gradient in closed form, again as one fused pass plus one ``addcmul``.
+
+All-gather rather than all-reduce: on Gloo it is ~2.5x faster for these small payloads, and it
+makes the stable merge possible (``python -m syncbn.bench`` measures both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_SINGLE_VALUE_ERROR = "Expected more than 1 value per channel when training, got input size {}"
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def values_per_channel(x: torch.Tensor) -> int:
+    return x.numel() // x.size(1) if x.size(1) else 0
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _as_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def local_moments(x: torch.Tensor) -> torch.Tensor:
+    """This rank's ``[count, mean_0..C-1, var_0..C-1]`` as one float64 tensor, ready to gather."""
+    channels = x.size(1)
+    count = values_per_channel(x)
+    packed = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    packed[0] = count
+    if count:
+        var, mean = torch.var_mean(x.to(stat_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+        packed[1 : channels + 1] = mean
+        packed[channels + 1 :] = var
+    return packed
+
+
+def merge_moments(gathered: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global count, mean, biased var.
+
+    Chan et al.: M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, never a difference of large sums.
+    """
+    channels = (gathered.size(1) - 1) // 2
+    counts = gathered[:, :1]
+    means, variances = gathered[:, 1 : channels + 1], gathered[:, channels + 1 :]
+    total = int(counts.sum().item())
+    if total == 0:
+        return 0, means.new_zeros(channels), means.new_zeros(channels)
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    return total, mean, var
+
+
+def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    world_size = dist.get_world_size(group)
+    out = packed.new_empty(world_size * packed.numel())
+    _all_gather_single(out, packed, group=group)
+    return out.view(world_size, -1)
+
+
+def _update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """As ``nn.BatchNorm``: ``r = (1 - m) r + m s``, with the unbiased variance of the global batch."""
+    if running_mean is None or running_var is None:
+        return
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over the union of the group's batches."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
+        gathered = _all_gather(local_moments(x), group)
+        count, mean, var = merge_moments(gathered)
+        if count == 1:
+            raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
+        ctx.count, ctx.eps, ctx.group = count, eps, group
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        if count == 0:
+            ctx.save_for_backward(x, weight, mean, var)
+            return torch.empty_like(x)
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        dtype = stat_dtype(x.dtype)
+        mean, var = mean.to(dtype), var.to(dtype)
+        ctx.save_for_backward(x, weight, mean, var)
+        return F.batch_norm(x, mean, var, _maybe_to(weight, dtype), _maybe_to(bias, dtype), False, 0.0, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, mean, var = ctx.saved_tensors
+        channels = x.size(1)
+        sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
+        grad_weight = _maybe_to(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = _maybe_to(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+        grad_input = None
+        if ctx.needs_input_grad[0] and ctx.count == 0:
+            grad_input = torch.empty_like(x)
+        elif ctx.needs_input_grad[0]:
+            total = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group).sum(0)
+            grad_input = _grad_input(
+                grad_out, x, weight, mean, var, ctx.eps, total[:channels] / ctx.count, total[channels:] / ctx.count
+            )
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _maybe_to(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return None if t is None or dtype is None else t.to(dtype)
+
+
+def _local_grad_sums(grad_out, x, mean, var, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(dy)`` and ``sum(dy * x_hat)`` over this rank's values: eval-mode BatchNorm backward
+    computes exactly these as its bias and weight gradients, in one fused pass."""
+    if x.numel() == 0:
+        zeros = torch.zeros(x.size(1), dtype=stat_dtype(x.dtype), device=x.device)
+        return zeros, zeros.clone()
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, None, mean, var, None, None, False, eps, [False, True, True]
+    )
+    return sum_dy, sum_dy_xhat
+
+
+def _grad_input(grad_out, x, weight, mean, var, eps, mean_dy, mean_dy_xhat) -> torch.Tensor:
+    """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)), a = weight / sqrt(var + eps).
+
+    The two terms in x_hat are an affine map of x per channel, i.e. an eval-mode BatchNorm with
+    weight ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory
+    format; ``addcmul_`` then adds ``a * dy`` in place.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    grad_input = F.batch_norm(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, False, 0.0, eps)
+    return grad_input.addcmul_(grad_out, _as_channel(scale, x).to(x.dtype))
+
+
+def sync_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Training-mode batch norm with statistics over every rank of ``group`` (size > 1).
+
+    Gradients: ``x.grad`` is the gradient of the *sum* of all ranks' losses; ``weight.grad`` and
+    ``bias.grad`` are this rank's share of it, so their sum over ranks (or DDP's average, paired
+    with DDP's averaged upstream gradients) is the gradient of BatchNorm over the global batch.
+    """
+    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)
