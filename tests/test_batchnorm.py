@@ -1,0 +1,365 @@
+"""SyncBatchNorm against nn.BatchNorm on the concatenated global batch, on real Gloo groups."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn.distributed import count_collectives
+
+STEPS = 3
+EXACT = dict(rtol=1e-10, atol=1e-10)
+PLAIN = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}
+FLAGS = [  # (momentum, affine, track_running_stats)
+    (0.1, True, True),
+    (None, True, True),
+    (0.1, False, True),
+    (None, False, True),
+    (0.1, True, False),
+    (0.1, False, False),
+]
+SHAPES = {  # per-sample shape (C, *spatial) and memory format
+    "NC": ((3,), torch.contiguous_format),
+    "NCL": ((3, 5), torch.contiguous_format),
+    "NCHW": ((3, 4, 4), torch.contiguous_format),
+    "NCHW-channels_last": ((3, 4, 4), torch.channels_last),
+    "NCDHW": ((2, 3, 3, 3), torch.contiguous_format),
+    "NCDHW-channels_last_3d": ((2, 3, 3, 3), torch.channels_last_3d),
+}
+SPLITS = {  # per-rank batch sizes, cut to the world size
+    "equal": (4, 4, 4, 4),
+    "unequal": (3, 5, 1, 6),
+    "zero-on-rank-0": (0, 5, 3, 4),
+    "all-empty": (0, 0, 0, 0),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    sample_shape: tuple
+    memory_format: torch.memory_format
+    sizes: tuple
+    momentum: float | None = 0.1
+    affine: bool = True
+    track: bool = True
+    dtype: torch.dtype = torch.float64
+
+    def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        shape = (sum(self.sizes), *self.sample_shape)
+        return [
+            (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1, torch.randn(shape, generator=gen, dtype=torch.float64))
+            for _ in range(STEPS)
+        ]
+
+    def eval_batch(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(99)
+        return torch.randn((3 * len(self.sizes), *self.sample_shape), generator=gen, dtype=torch.float64)
+
+    def make(self, cls, **kwargs) -> nn.Module:
+        layer = cls(self.sample_shape[0], momentum=self.momentum, affine=self.affine,
+                    track_running_stats=self.track, dtype=torch.float64, **kwargs)
+        if self.affine:
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                layer.weight.copy_(1 + 0.5 * torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64))
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
+        return layer
+
+    def local(self, t: torch.Tensor, rank: int, sizes: tuple | None = None) -> torch.Tensor:
+        sizes = sizes or self.sizes
+        start = sum(sizes[:rank])
+        return t[start : start + sizes[rank]].to(self.dtype).contiguous(memory_format=self.memory_format)
+
+
+def _state(layer: nn.Module) -> dict:
+    grad = lambda p: None if p is None or p.grad is None else p.grad.clone()  # noqa: E731
+    return {
+        "weight_grad": grad(layer.weight),
+        "bias_grad": grad(layer.bias),
+        "running_mean": None if layer.running_mean is None else layer.running_mean.clone(),
+        "running_var": None if layer.running_var is None else layer.running_var.clone(),
+        "num_batches_tracked": None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone(),
+    }
+
+
+def run_layer_on_rank(case: Case) -> dict:
+    """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step."""
+    rank = dist.get_rank()
+    layer = case.make(SyncBatchNorm)
+    outputs, input_grads, formats_kept = [], [], []
+    for x_global, dy_global in case.global_batches():
+        x = case.local(x_global, rank).requires_grad_()
+        y = layer(x)
+        y.backward(case.local(dy_global, rank))
+        outputs.append(y.detach())
+        input_grads.append(x.grad)
+        formats_kept.append(y.is_contiguous(memory_format=case.memory_format))
+    layer.eval()
+    with torch.no_grad():
+        eval_out = layer(case.local(case.eval_batch(), rank, sizes=(3,) * len(case.sizes)))
+    return dict(outputs=outputs, input_grads=input_grads, formats_kept=formats_kept, eval_out=eval_out,
+                **_state(layer))
+
+
+def reference(case: Case) -> dict:
+    """nn.BatchNorm in this process on the concatenated global batches."""
+    layer = case.make(PLAIN[len(case.sample_shape)])
+    outputs, input_grads = [], []
+    for x_global, dy_global in case.global_batches():
+        x = x_global.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy_global)
+        outputs.append(y.detach())
+        input_grads.append(x.grad)
+    layer.eval()
+    eval_outs = [layer(x).detach() for x in case.eval_batch().split(3)]
+    return dict(outputs=outputs, input_grads=input_grads, eval_outs=eval_outs, **_state(layer))
+
+
+def _zero_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def assert_matches_reference(case: Case, ranks: list[dict], ref: dict) -> None:
+    for step in range(STEPS):
+        torch.testing.assert_close(torch.cat([r["outputs"][step] for r in ranks]), ref["outputs"][step], **EXACT)
+        torch.testing.assert_close(torch.cat([r["input_grads"][step] for r in ranks]), ref["input_grads"][step], **EXACT)
+    for name in ("weight_grad", "bias_grad"):
+        if ref[name] is None and all(r[name] is None for r in ranks):
+            continue
+        like = next(g for g in [ref[name], *(r[name] for r in ranks)] if g is not None)
+        summed = sum(_zero_if_none(r[name], like) for r in ranks)
+        torch.testing.assert_close(summed, _zero_if_none(ref[name], like), **EXACT, msg=f"{name} summed over ranks")
+    for rank, r in enumerate(ranks):
+        assert all(r["formats_kept"]), f"rank {rank} lost the {case.memory_format}"
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if ref[name] is None:
+                assert r[name] is None
+            else:
+                torch.testing.assert_close(r[name], ref[name], **EXACT, msg=f"rank {rank} {name}")
+        torch.testing.assert_close(r["eval_out"], ref["eval_outs"][rank], **EXACT, msg=f"rank {rank} eval")
+
+
+PARITY = [
+    pytest.param(w, shape, split, id=f"w{w}-{shape}-{split}")
+    for w, shape, split in itertools.product((1, 2, 3, 4), SHAPES, SPLITS)
+    if not (w == 1 and split == "zero-on-rank-0")
+]
+
+
+@pytest.mark.parametrize("world_size,shape,split", PARITY)
+def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, split):
+    """Outputs, all gradients, running statistics and eval outputs equal nn.BatchNorm's on the
+    concatenated batch (float64, 1e-10), for every flag combination."""
+    sample_shape, memory_format = SHAPES[shape]
+    for momentum, affine, track in FLAGS:
+        case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track)
+        ranks = gloo_group(world_size).run(run_layer_on_rank, case)
+        assert_matches_reference(case, ranks, reference(case))
+
+
+def count_layer_collectives(sizes: tuple) -> dict:
+    """Collectives issued by two stacked layers in one forward, one backward and one eval forward."""
+    model = nn.Sequential(SyncBatchNorm(3), nn.ReLU(), SyncBatchNorm(3))
+    x = torch.randn(sizes[dist.get_rank()], 3, requires_grad=True)
+    with count_collectives() as forward:
+        y = model(x)
+    with count_collectives() as backward:
+        y.sum().backward()
+    model.eval()
+    with count_collectives() as evaluation, torch.no_grad():
+        model(x)
+    return dict(forward=dict(forward), backward=dict(backward), eval=dict(evaluation))
+
+
+@pytest.mark.parametrize("world_size,sizes", [(1, (6,)), (2, (4, 4)), (3, (2, 0, 5)), (4, (4, 4, 4, 4))])
+def test_one_collective_each_way_per_layer(gloo_group, world_size, sizes):
+    per_layer = {"c10d::_allgather_base_": 2} if world_size > 1 else {}
+    for counts in gloo_group(world_size).run(count_layer_collectives, sizes):
+        assert counts == dict(forward=per_layer, backward=per_layer, eval={})
+
+
+def test_without_process_group_it_is_plain_batchnorm_and_silent():
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    ours, plain = SyncBatchNorm(4), nn.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3)
+    with count_collectives() as counts:
+        out = ours(x)
+    assert not counts
+    assert torch.equal(out, plain(x))
+    assert torch.equal(ours.running_var, plain.running_var)
+
+
+def normalize_far_from_zero(x_global: torch.Tensor) -> dict:
+    """fp32 channels with mean 1e4 and std 1, split over the ranks."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    layer = SyncBatchNorm(x_global.size(1))
+    y = layer(x_global.chunk(world_size)[rank])
+    return dict(y=y.detach(), running_mean=layer.running_mean, running_var=layer.running_var)
+
+
+def test_statistics_stay_exact_for_channels_far_from_zero(gloo_group):
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(64, 4, generator=gen, dtype=torch.float64)).float()
+    x64 = x.double()
+    true_var = x64.var(0, unbiased=False)
+    naive_var = (x * x).mean(0) - x.mean(0) ** 2
+    assert (naive_var.double() - true_var).abs().max() > 0.5, "the case must defeat the textbook fp32 formula"
+
+    ranks = gloo_group(2).run(normalize_far_from_zero, x)
+    expected = (x64 - x64.mean(0)) / torch.sqrt(true_var + 1e-5)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]).double(), expected, rtol=0, atol=2e-3)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"].double(), 0.9 * 0 + 0.1 * x64.mean(0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["running_var"].double(), 0.9 + 0.1 * x64.var(0), rtol=1e-3, atol=0)
+
+
+def low_precision_on_rank(x_global: torch.Tensor, dtype: torch.dtype) -> dict:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, input_dtype in (("low", dtype), ("float32", torch.float32)):
+        torch.manual_seed(0)
+        layer = SyncBatchNorm(x_global.size(1))
+        x = x_global.chunk(world_size)[rank].to(input_dtype).requires_grad_()
+        y = layer(x)
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.size(1), dtype=y.dtype).view(1, -1, 1, 1))
+        results[name] = dict(y=y.detach(), grad=x.grad, running_var=layer.running_var.clone())
+    return results
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+def test_half_and_bfloat16_keep_their_dtype(gloo_group, dtype, atol):
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    for r in gloo_group(2).run(low_precision_on_rank, x, dtype):
+        low, ref = r["low"], r["float32"]
+        assert low["y"].dtype == dtype and low["grad"].dtype == dtype
+        assert low["running_var"].dtype == torch.float32
+        torch.testing.assert_close(low["y"].float(), ref["y"], rtol=0, atol=atol)
+        torch.testing.assert_close(low["grad"].float(), ref["grad"], rtol=0, atol=atol)
+        torch.testing.assert_close(low["running_var"], ref["running_var"], rtol=1e-3, atol=0)
+
+
+def normalize_in_pairs(x_global: torch.Tensor) -> torch.Tensor:
+    """Ranks {0, 1} and {2, 3} each synchronize within their own pair only."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    layer = SyncBatchNorm(x_global.size(1), process_group=pairs[rank // 2], dtype=torch.float64)
+    return layer(x_global.chunk(4)[rank]).detach()
+
+
+def test_subgroups_synchronize_within_their_own_group(gloo_group):
+    x = torch.randn(4 * 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outputs = gloo_group(4).run(normalize_in_pairs, x)
+    for pair in (0, 1):
+        pair_batch = x[pair * 6 : pair * 6 + 6]
+        expected = F.batch_norm(pair_batch, None, None, training=True)
+        torch.testing.assert_close(torch.cat(outputs[2 * pair : 2 * pair + 2]), expected, **EXACT)
+
+
+def single_value_in_group(sizes: tuple) -> str:
+    layer = SyncBatchNorm(3)
+    try:
+        layer(torch.randn(sizes[dist.get_rank()], 3))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("world_size,sizes", [(1, (1,)), (2, (1, 0)), (3, (0, 1, 0))])
+def test_one_value_per_channel_in_the_whole_group_raises_on_every_rank(gloo_group, world_size, sizes):
+    for message in gloo_group(world_size).run(single_value_in_group, sizes):
+        assert message.startswith("Expected more than 1 value per channel when training")
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [((4,), r"at least 2 dimensions, got a 1D input of shape \(4,\)"), ((2, 5), r"expects 4 channels.*\(2, 5\) with 5")],
+)
+def test_bad_input_shape_is_a_clear_error(shape, match):
+    with pytest.raises(ValueError, match=match):
+        SyncBatchNorm(4)(torch.randn(shape))
+
+
+def _tiny_net(norm: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), norm(8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def _ddp_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(4 * world_size, 5, generator=gen, dtype=torch.float64),
+             torch.randint(0, 3, (4 * world_size,), generator=gen)) for _ in range(3)]
+
+
+def train_ddp_on_rank() -> dict:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(convert_sync_batchnorm(_tiny_net(nn.BatchNorm1d)), broadcast_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for x, target in _ddp_batches(world_size):
+        opt.zero_grad()
+        F.cross_entropy(model(x.chunk(world_size)[rank]), target.chunk(world_size)[rank]).backward()
+        opt.step()
+    return model.module.state_dict()
+
+
+def test_ddp_on_cpu_trains_like_one_process_on_the_global_batch(gloo_group):
+    reference = _tiny_net(nn.BatchNorm1d)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for x, target in _ddp_batches(2):
+        opt.zero_grad()
+        F.cross_entropy(reference(x), target).backward()
+        opt.step()
+    for state in gloo_group(2).run(train_ddp_on_rank):
+        assert state.keys() == reference.state_dict().keys()
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(state[name], value, **EXACT, msg=name)
+
+
+def test_convert_and_revert_keep_parameters_buffers_and_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm1d(3),
+        nn.Sequential(nn.BatchNorm2d(3), nn.SyncBatchNorm(3)),
+        nn.BatchNorm3d(3, affine=False, momentum=None),
+    )
+    model[1].eval()
+    before = {name: t for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    inputs = [torch.randn(4, 3), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 2, 2, 2)]
+    layers = [model[0], model[1][0], model[1][1], model[2]]
+    expected = [layer(x) for layer, x in zip(layers, inputs[:2])]
+
+    converted = convert_sync_batchnorm(model)
+    layers = [converted[0], converted[1][0], converted[1][1], converted[2]]
+    assert all(type(layer) is SyncBatchNorm for layer in layers)
+    assert [layer.training for layer in layers] == [True, False, False, True]
+    assert (layers[2].momentum, layers[3].affine, layers[3].momentum) == (0.1, False, None)
+    after = dict(itertools.chain(converted.named_parameters(), converted.named_buffers()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert torch.equal(layers[1](inputs[1]), expected[1])
+    for layer, x in zip(layers, inputs):
+        layer(x)
+
+    reverted = revert_sync_batchnorm(converted)
+    assert [type(m) for m in (reverted[0], reverted[1][0], reverted[1][1], reverted[2])] == [
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm3d]
+    restored = dict(itertools.chain(reverted.named_parameters(), reverted.named_buffers()))
+    assert all(restored[k] is before[k] for k in before)
+    reverted[0].eval()
+    layers[0].eval()
+    x = torch.randn(4, 3)
+    assert torch.equal(reverted[0](x), layers[0](x))
+
+
+def test_revert_needs_a_known_shape():
+    with pytest.raises(ValueError, match="run one forward pass first"):
+        revert_sync_batchnorm(SyncBatchNorm(3))
