@@ -1,0 +1,34 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from syncbn import SyncBatchNorm
+from syncbn.config import ModelConfig, NormConfig
+from syncbn.models import build_model
+
+NORM_LAYERS = {"syncbn": SyncBatchNorm, "bn": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "groupnorm": nn.GroupNorm, "none": nn.Identity}
+
+
+@pytest.mark.parametrize("norm", list(NORM_LAYERS))
+def test_mlp_is_linear_norm_relu_per_hidden_layer(norm):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=[100] * 5, weight_scale=0.05), NormConfig(name=norm))
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 100)] + [(100, 100)] * 4 + [(100, 10)]
+    assert sum(isinstance(m, NORM_LAYERS[norm]) for m in model) == 5
+    assert sum(isinstance(m, nn.ReLU) for m in model) == 5
+    assert model(torch.rand(7, 1, 28, 28)).shape == (7, 10)
+
+
+def test_every_linear_is_normal_with_the_weight_scale_and_zero_bias():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=[400, 400], weight_scale=0.02), NormConfig(name="none"))
+    for linear in (m for m in model if isinstance(m, nn.Linear)):
+        assert torch.all(linear.bias == 0)
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert linear.weight.mean().abs().item() < 0.002
+
+
+def test_groupnorm_groups_must_divide_the_width():
+    with pytest.raises(ValueError, match="norm.num_groups=7 does not divide the layer width 100"):
+        build_model(ModelConfig(), NormConfig(name="groupnorm", num_groups=7))
