@@ -55,6 +55,8 @@ class TrainConfig:
     epochs: int = 20
     global_batch_size: int = 100
     eval_batch_size: int = 1000
+    resume: bool = True
+    checkpoint_every_steps: int | None = None
 
 
 @dataclass
@@ -63,6 +65,16 @@ class DistConfig:
     backend: str | None = None
     device: str | None = None
     timeout_s: float = 300.0
+    max_restarts: int = 0
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests and demos: SIGKILL rank ``kill_rank`` after global step
+    ``kill_at_step``, on the first attempt only (TORCHELASTIC_RESTART_COUNT=0)."""
+
+    kill_rank: int | None = None
+    kill_at_step: int | None = None
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def register() -> None:
@@ -102,6 +115,10 @@ def validate(config: Config, world_size: int) -> Config:
         (len(config.model.hidden) > 0, "model.hidden must list at least one hidden layer width, got []"),
         (all(w > 0 for w in config.model.hidden), f"model.hidden widths must be > 0, got {config.model.hidden}"),
         (config.dist.nproc >= 1, f"dist.nproc must be >= 1, got {config.dist.nproc}"),
+        (config.dist.timeout_s > 0, f"dist.timeout_s must be > 0, got {config.dist.timeout_s}"),
+        (config.dist.max_restarts >= 0, f"dist.max_restarts must be >= 0, got {config.dist.max_restarts}"),
+        (config.train.checkpoint_every_steps is None or config.train.checkpoint_every_steps >= 1,
+         f"train.checkpoint_every_steps must be >= 1 or null, got {config.train.checkpoint_every_steps}"),
         (config.data.train_size is None or config.data.train_size >= 1,
          f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"),
         (config.train.global_batch_size >= world_size,

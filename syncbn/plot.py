@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
-SUMMARY_COLUMNS = ["norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "seconds"]
+SUMMARY_COLUMNS = ["norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"]
 LINE_STYLES = {"syncbn": "-", "bn": "-", "none": "--", "layernorm": "-.", "groupnorm": ":"}
 LABELS = {
     "syncbn": "BatchNorm (synchronized)",

@@ -1,18 +1,25 @@
-"""The training loop on one rank: DDP over the group, a seeded DistributedSampler, metrics per epoch.
+"""The training loop on one rank: DDP over the group, a seeded DistributedSampler, metrics per epoch,
+checkpoints to resume from.
 
-Every rank runs ``fit``; only rank 0 writes ``metrics.jsonl`` and logs. The global batch of each
-step is the same set of samples whatever the world size: DistributedSampler deals rank r the
-positions r, r + W, r + 2W, ... of one seeded permutation, so the W local batches of step k together
-are positions [k B, (k + 1) B) of it. With SyncBatchNorm, N ranks therefore train like one process.
+Every rank runs ``fit``; only rank 0 writes (``metrics.jsonl``, checkpoints) and logs. The global
+batch of each step is the same set of samples whatever the world size: DistributedSampler deals
+rank r the positions r, r + W, r + 2W, ... of one seeded permutation, so the W local batches of
+step k together are positions [k B, (k + 1) B) of it. With SyncBatchNorm, N ranks therefore train
+like one process.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
+import math
+import os
+import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from syncbn import data
-from syncbn.config import Config, OptimConfig
+from syncbn import checkpoint, data
+from syncbn.config import Config, FaultConfig, OptimConfig
 from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
 from syncbn.models import build_model
 
@@ -43,28 +50,14 @@ def make_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def wrap_ddp(model: nn.Module, config: Config, ctx: DistContext) -> DistributedDataParallel:
+def wrap_ddp(model: nn.Module, norm: str, device: torch.device) -> DistributedDataParallel:
     # SyncBatchNorm's running statistics are equal on every rank already; plain BN keeps DDP's
     # default rank-0 broadcast, which is what users of unsynchronized BN get.
     return DistributedDataParallel(
-        model.to(ctx.device),
-        device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-        **{_SYNC_BUFFERS: config.norm.name == "bn"},
+        model.to(device),
+        device_ids=[device] if device.type == "cuda" else None,
+        **{_SYNC_BUFFERS: norm == "bn"},
     )
-
-
-def train_epoch(model, loader, optimizer, device) -> torch.Tensor:
-    """One pass over this rank's shard; returns ``[sum of sample losses, samples]`` (float64)."""
-    model.train()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals += torch.stack([loss.detach().double() * labels.numel(), totals.new_tensor(labels.numel())])
-    return totals
 
 
 @torch.no_grad()
@@ -80,23 +73,33 @@ def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, ba
     return torch.stack([correct, correct.new_tensor(len(labels))])
 
 
-def epoch_metrics(model, config: Config, ctx: DistContext, train_totals, train_set, test_set) -> dict:
-    """Whole-set metrics from every rank's shard: one all-reduce."""
-    if config.norm.name == "bn":
-        broadcast_buffers_from_main(model)
-    batch = config.train.eval_batch_size
-    local = torch.cat([train_totals, count_correct(model, train_set, ctx, batch), count_correct(model, test_set, ctx, batch)])
-    loss_sum, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).tolist()
-    return dict(train_acc=train_correct / train_seen, test_acc=test_correct / test_seen, train_loss=loss_sum / samples)
+def inject_fault(fault: FaultConfig, rank: int, global_step: int) -> None:
+    """SIGKILL this rank if the fault config says so, on the first attempt only."""
+    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
+    if first_attempt and fault.kill_rank == rank and fault.kill_at_step == global_step:
+        log.warning("fault injection: killing rank %d after step %d", rank, global_step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Progress:
+    """Where training stands; every checkpoint holds it."""
+
+    epoch: int = 1
+    step: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    history: list[dict] = field(default_factory=list)
 
 
 class MetricsLog:
     """``metrics.jsonl`` in the run directory: one JSON object per epoch, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path | None, ctx: DistContext):
+    def __init__(self, run_dir: Path | None, ctx: DistContext, history: list[dict]):
         self.path = run_dir / "metrics.jsonl" if run_dir is not None and ctx.is_main else None
         if self.path is not None:
-            self.path.write_text("")
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in history))
 
     def append(self, record: dict) -> None:
         if self.path is not None:
@@ -104,31 +107,140 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class Training:
+    """One rank's run: built from config, resumable from the run directory's checkpoint."""
+
+    def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
+        self.config, self.ctx, self.run_dir = config, ctx, run_dir
+        torch.manual_seed(config.seed)
+        self.train_set, self.test_set = data.load(config.data)
+        self.model = wrap_ddp(build_model(config.model, config.norm), config.norm.name, ctx.device)
+        self.optimizer = make_optimizer(config.optim, self.model.parameters())
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+        )
+        self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size, sampler=self.sampler)
+        self.signature = checkpoint.signature(self.model.module, config.norm.name, ctx.world_size)
+        self.progress = Progress()
+        if run_dir is not None and config.train.resume:
+            self._resume()
+        self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.run_dir)
+        if state is None:
+            return
+        checkpoint.check_compatible(state, self.signature, self.run_dir)
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        checkpoint.restore_rng_states(state["rng"])
+        if self.ctx.is_main:
+            log.info("resumed from %s: epoch %d, step %d", self.run_dir / checkpoint.LATEST, self.progress.epoch, self.progress.step)
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None or not self.ctx.is_main:
+            return
+        checkpoint.save(self.run_dir, dict(
+            signature=self.signature,
+            model=self.model.module.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            progress=asdict(self.progress),
+            rng=checkpoint.rng_states(),
+        ))
+
+    def _epoch_totals(self) -> torch.Tensor:
+        """This rank's ``[loss sum, samples]`` at the start of (what is left of) the epoch: the
+        group's partial sums from a mid-epoch checkpoint sit on rank 0, so the epoch's all-reduce
+        counts them once."""
+        progress = self.progress
+        start = [progress.loss_sum, progress.samples] if self.ctx.is_main else [0.0, 0]
+        return torch.tensor(start, dtype=torch.float64, device=self.ctx.device)
+
+    def _checkpoint_mid_epoch(self, totals: torch.Tensor) -> torch.Tensor:
+        group_totals = all_reduce_sum(totals.clone())
+        self.progress.loss_sum, self.progress.samples = group_totals[0].item(), int(group_totals[1].item())
+        self.save_checkpoint()
+        return group_totals if self.ctx.is_main else torch.zeros_like(totals)
+
+    def train_epoch(self) -> torch.Tensor:
+        """Train the rest of the current epoch (all of it, unless resumed mid-epoch); returns this
+        rank's ``[loss sum, samples]``."""
+        progress, every = self.progress, self.config.train.checkpoint_every_steps
+        self.model.train()
+        self.sampler.set_epoch(progress.epoch)
+        totals = self._epoch_totals()
+        for images, labels in itertools.islice(self.loader, progress.step, None):
+            images, labels = images.to(self.ctx.device, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
+            loss = F.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            totals += torch.stack([loss.detach().double() * labels.numel(), totals.new_tensor(labels.numel())])
+            progress.step += 1
+            progress.global_step += 1
+            if every and progress.global_step % every == 0:
+                totals = self._checkpoint_mid_epoch(totals)
+            inject_fault(self.config.fault, self.ctx.rank, progress.global_step)
+        return totals
+
+    def evaluate(self, totals: torch.Tensor) -> dict:
+        """Whole-set metrics from every rank's shard and loss sums: one all-reduce."""
+        if self.config.norm.name == "bn":
+            broadcast_buffers_from_main(self.model)
+        batch = self.config.train.eval_batch_size
+        local = torch.cat([
+            totals,
+            count_correct(self.model, self.train_set, self.ctx, batch),
+            count_correct(self.model, self.test_set, self.ctx, batch),
+        ])
+        loss_sum, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).tolist()
+        loss = loss_sum / samples
+        return dict(
+            train_acc=train_correct / train_seen,
+            test_acc=test_correct / test_seen,
+            train_loss=loss if math.isfinite(loss) else None,
+            diverged=not math.isfinite(loss),
+        )
+
+    def finish_epoch(self, totals: torch.Tensor, start: float) -> dict:
+        progress = self.progress
+        metrics = self.evaluate(totals)
+        record = dict(
+            norm=self.config.norm.name, weight_scale=self.config.model.weight_scale, world_size=self.ctx.world_size,
+            epoch=progress.epoch, **metrics, seconds=time.perf_counter() - start,
+        )
+        progress.history.append(record)
+        self.metrics.append(record)
+        # A diverged run has nothing more to learn: mark it finished, so a resume does not retrain it.
+        progress.epoch = self.config.train.epochs + 1 if record["diverged"] else progress.epoch + 1
+        progress.step, progress.loss_sum, progress.samples = 0, 0.0, 0
+        self.save_checkpoint()
+        return record
+
+    def log_epoch(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        if record["diverged"]:
+            log.warning("epoch %d: the training loss is not finite; the run diverged and stops here", record["epoch"])
+            return
+        log.info(
+            "epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)", record["epoch"],
+            self.config.train.epochs, record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"],
+        )
+
+    def fit(self) -> list[dict]:
+        epochs = self.config.train.epochs
+        show_bar = self.ctx.is_main and sys.stderr.isatty()
+        with logging_redirect_tqdm(), tqdm(total=epochs, initial=self.progress.epoch - 1, disable=not show_bar, unit="epoch") as bar:
+            while self.progress.epoch <= epochs:
+                start = time.perf_counter()
+                self.log_epoch(self.finish_epoch(self.train_epoch(), start))
+                bar.update()
+        return self.progress.history
+
+
 def fit(config: Config, ctx: DistContext, run_dir: Path | None = None) -> list[dict]:
-    """Train ``config`` on this rank of the group; returns the per-epoch metrics (the same on every rank)."""
-    torch.manual_seed(config.seed)
-    train_set, test_set = data.load(config.data)
-    model = wrap_ddp(build_model(config.model, config.norm), config, ctx)
-    optimizer = make_optimizer(config.optim, model.parameters())
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
-    loader = DataLoader(train_set, batch_size=config.train.global_batch_size // ctx.world_size, sampler=sampler)
-    metrics = MetricsLog(run_dir, ctx)
-    run = dict(norm=config.norm.name, weight_scale=config.model.weight_scale, world_size=ctx.world_size)
-    history = []
-    show_bar = ctx.is_main and sys.stderr.isatty()
-    with logging_redirect_tqdm(), tqdm(total=config.train.epochs, disable=not show_bar, unit="epoch") as bar:
-        for epoch in range(1, config.train.epochs + 1):
-            start = time.perf_counter()
-            sampler.set_epoch(epoch)
-            totals = train_epoch(model, loader, optimizer, ctx.device)
-            record = dict(run, epoch=epoch, **epoch_metrics(model, config, ctx, totals, train_set, test_set))
-            record["seconds"] = time.perf_counter() - start
-            history.append(record)
-            metrics.append(record)
-            if ctx.is_main:
-                log.info(
-                    "epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)",
-                    epoch, config.train.epochs, record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"],
-                )
-            bar.update()
-    return history
+    """Train ``config`` on this rank of the group (resuming from ``run_dir``'s checkpoint if any);
+    returns the per-epoch metrics, the same on every rank."""
+    return Training(config, ctx, run_dir).fit()

@@ -21,7 +21,7 @@ from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
 
 ROOT = Path(__file__).resolve().parents[1]
-METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "seconds"}
+METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 
 
 def compose_config(*overrides: str) -> Config:
@@ -57,7 +57,7 @@ def test_torchrun_standalone_through_the_launch_wrapper(tmp_path):
         SYNCBN_RUN_DIR=str(run_dir))
     [record] = read_metrics(run_dir)
     assert record["world_size"] == 2 and record["epoch"] == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "checkpoint.pt", "metrics.jsonl", "train.log"]
     assert "epoch 1/1" in (run_dir / "train.log").read_text()
 
 

@@ -1,0 +1,335 @@
+"""Benchmarks, side by side in one run: SyncBatchNorm against local BatchNorm and the bare collectives.
+
+    python -m syncbn.bench                 # full: world sizes 1, 2, 4 (about 10 minutes on 2 cores)
+    python -m syncbn.bench --quick         # everyday check, about a minute
+    python -m syncbn.bench --help          # every knob
+
+Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
+in the same run, interleaved (A B C A B C ...), after the same warm-up, hold. Each figure is the
+median over repeats of the slowest rank's time per call (each repeat times ``iters`` calls).
+
+Cases, each at every world size (ranks are local processes started by torch's elastic launcher):
+1. layer: forward + backward of one norm layer, float32, per-rank shapes (25, 100), (100, 100),
+   (8, 64, 32, 32) and the same in channels_last. Contenders: ``syncbn.SyncBatchNorm``; local
+   ``nn.BatchNorm`` on the same input (the compute floor); ``nn.SyncBatchNorm`` where CUDA is present;
+   and the communication floor: the two bare all-gathers of the layer's packed payloads, also timed
+   as all-reduces (the measurement behind choosing all-gather).
+2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none.
+3. sweep: the trainer's weight-scale sweep command end to end at each world size, beside a plain
+   single-process loop that trains the same models with ``nn.BatchNorm1d`` and no DDP.
+Collectives per step are counted by the profiler (every ``c10d::`` op), not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from syncbn import distributed
+from syncbn.batchnorm import SyncBatchNorm
+from syncbn.config import DistConfig, ModelConfig, NormConfig
+from syncbn.data import load_mnist5k
+from syncbn.functional import _all_gather_single
+from syncbn.models import make_mlp
+from syncbn.trainer import wrap_ddp
+
+LAYER_SHAPES = {
+    "(25,100)": ((25, 100), torch.contiguous_format),
+    "(100,100)": ((100, 100), torch.contiguous_format),
+    "(8,64,32,32)": ((8, 64, 32, 32), torch.contiguous_format),
+    "(8,64,32,32) channels_last": ((8, 64, 32, 32), torch.channels_last),
+}
+STEP_NORMS = ("syncbn", "bn", "none")
+
+
+@dataclass
+class Settings:
+    world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    shapes: list[str] = field(default_factory=lambda: list(LAYER_SHAPES))
+    warmup: int = 10
+    repeats: int = 15
+    iters: int = 20
+    step_norms: list[str] = field(default_factory=lambda: list(STEP_NORMS))
+    sweep_scales: int = 16
+    sweep_epochs: int = 2
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
+                   step_norms=["syncbn", "bn"], sweep_scales=1, sweep_epochs=1)
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
+    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved A B C ...)."""
+    for fn in contenders.values():
+        for _ in range(settings.warmup):
+            fn()
+    local = torch.zeros(len(contenders), settings.repeats, dtype=torch.float64)
+    for repeat in range(settings.repeats):
+        for index, fn in enumerate(contenders.values()):
+            dist.barrier()
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(settings.iters):
+                fn()
+            _sync(device)
+            local[index, repeat] = (time.perf_counter() - start) / settings.iters
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return {name: local[index].tolist() for index, name in enumerate(contenders)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _collectives_per_call(fn: Callable[[], None]) -> dict:
+    with distributed.count_collectives() as counts:
+        fn()
+    return dict(counts)
+
+
+def _layer_pass(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        layer(x).backward(grad)
+
+    return run
+
+
+def _payloads(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's forward ([count, mean, var], float64) and backward ([sum_dy, sum_dy_xhat]) payloads."""
+    return (torch.randn(2 * channels + 1, dtype=torch.float64, device=device),
+            torch.randn(2 * channels, dtype=torch.float32, device=device))
+
+
+def _gather_floor(payloads, world_size: int) -> Callable[[], None]:
+    outputs = [p.new_empty(world_size * p.numel()) for p in payloads]
+
+    def run() -> None:
+        for out, payload in zip(outputs, payloads):
+            _all_gather_single(out, payload)
+
+    return run
+
+
+def _reduce_floor(payloads) -> Callable[[], None]:
+    def run() -> None:
+        for payload in payloads:
+            dist.all_reduce(payload)
+
+    return run
+
+
+def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> dict:
+    shape, memory_format = LAYER_SHAPES[name]
+    channels = shape[1]
+    gen = torch.Generator().manual_seed(ctx.rank)
+    x = torch.randn(shape, generator=gen).to(ctx.device, memory_format=memory_format).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(ctx.device, memory_format=memory_format)
+    plain = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](channels).to(ctx.device)
+    payloads = _payloads(channels, ctx.device)
+    contenders = {
+        "syncbn": _layer_pass(SyncBatchNorm(channels).to(ctx.device), x, grad),
+        "local_bn": _layer_pass(plain, x, grad),
+    }
+    if ctx.device.type == "cuda" and ctx.world_size > 1:
+        contenders["torch_syncbn"] = _layer_pass(nn.SyncBatchNorm(channels).to(ctx.device), x, grad)
+    if ctx.world_size > 1:
+        contenders["floor_allgather"] = _gather_floor(payloads, ctx.world_size)
+        contenders["floor_allreduce"] = _reduce_floor(payloads)
+    return dict(
+        case="layer", shape=name, world_size=ctx.world_size,
+        seconds=time_interleaved(contenders, settings, ctx.device),
+        collectives=_collectives_per_call(contenders["syncbn"]),
+    )
+
+
+def bench_step(norm: str, settings: Settings, ctx: distributed.DistContext) -> dict:
+    torch.manual_seed(0)
+    ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), norm, ctx.device)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    batch = 100 // ctx.world_size
+    images = torch.rand(batch, 1, 28, 28, device=ctx.device)
+    labels = torch.randint(0, 10, (batch,), device=ctx.device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(images), labels).backward()
+        optimizer.step()
+
+    return dict(
+        case="step", norm=norm, world_size=ctx.world_size,
+        seconds=time_interleaved({norm: step}, settings, ctx.device)[norm],
+        collectives=_collectives_per_call(step),
+    )
+
+
+def bench_rank(settings: Settings) -> list[dict]:
+    """One rank of the layer and step cases; every rank returns the same (max-over-ranks) figures."""
+    distributed.share_cpu_threads()
+    with distributed.process_group(DistConfig(device=settings.device, timeout_s=120)) as ctx:
+        results = [bench_layer(name, settings, ctx) for name in settings.shapes]
+        results += [bench_step(norm, settings, ctx) for norm in settings.step_norms]
+    return results
+
+
+def _sweep_scales(count: int) -> list[float]:
+    return [float(v) for v in np.logspace(0, -4, 16)[:: max(1, 16 // count)][:count]]
+
+
+def plain_sweep_seconds(settings: Settings) -> float:
+    """The baseline: one process, plain nn.BatchNorm1d / no norm, the same models and data, no DDP."""
+    start = time.perf_counter()
+    train, _ = load_mnist5k(1000, split_seed=0)
+    images, labels = train.tensors
+    for norm in ("bn", "none"):
+        for scale in _sweep_scales(settings.sweep_scales):
+            torch.manual_seed(0)
+            model = make_mlp(ModelConfig(weight_scale=scale), NormConfig(name=norm, eps=1e-6))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            for epoch in range(settings.sweep_epochs):
+                order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
+                model.train()
+                for batch in order.split(100):
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(images[batch]), labels[batch]).backward()
+                    optimizer.step()
+                model.eval()
+                with torch.no_grad():
+                    (model(images).argmax(1) == labels).float().mean()
+    return time.perf_counter() - start
+
+
+def sweep_command_seconds(settings: Settings, world_size: int) -> float:
+    """Wall time of the trainer's sweep command (process start-up included)."""
+    scales = ",".join(repr(s) for s in _sweep_scales(settings.sweep_scales))
+    with tempfile.TemporaryDirectory() as sweep_dir:
+        command = [sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep",
+                   f"model.weight_scale={scales}", f"train.epochs={settings.sweep_epochs}",
+                   f"dist.nproc={world_size}", f"hydra.sweep.dir={sweep_dir}"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def run(settings: Settings) -> dict:
+    layer_and_step = []
+    for world_size in settings.world_sizes:
+        layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
+    plain = plain_sweep_seconds(settings)
+    sweeps = [dict(case="sweep", world_size=w, seconds=sweep_command_seconds(settings, w), plain_seconds=plain)
+              for w in settings.world_sizes]
+    return dict(command=" ".join(["python -m syncbn.bench", *sys.argv[1:]]), machine=machine(),
+                backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
+                results=layer_and_step + sweeps)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def layer_table(results: list[dict]) -> str:
+    lines = ["| world | shape | syncbn ms | local BN ms | syncbn / BN | floor ms (all-gather) | all-reduce ms "
+             "| (syncbn - BN) / floor | collectives per fwd+bwd | torch SyncBN ms |", "|---" * 10 + "|"]
+    for r in (r for r in results if r["case"] == "layer"):
+        s = {name: _median(v) for name, v in r["seconds"].items()}
+        floor = s.get("floor_allgather")
+        overhead = f"{(s['syncbn'] - s['local_bn']) / floor:.2f}" if floor else "-"
+        lines.append(
+            f"| {r['world_size']} | {r['shape']} | {_ms(s['syncbn'])} | {_ms(s['local_bn'])} "
+            f"| {s['syncbn'] / s['local_bn']:.2f} | {_ms(floor) if floor else '-'} "
+            f"| {_ms(s['floor_allreduce']) if floor else '-'} | {overhead} "
+            f"| {sum(r['collectives'].values())} | {_ms(s['torch_syncbn']) if 'torch_syncbn' in s else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def step_table(results: list[dict]) -> str:
+    lines = ["| world | norm | ms per step | collectives per step |", "|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "step"):
+        counts = ", ".join(f"{n.removeprefix('c10d::')} x{c}" for n, c in sorted(r["collectives"].items()))
+        lines.append(f"| {r['world_size']} | {r['norm']} | {_ms(_median(r['seconds']))} | {counts} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| world | sweep command s | plain loop s | ratio |", "|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "sweep"):
+        lines.append(f"| {r['world_size']} | {r['seconds']:.1f} | {r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def report(report_data: dict) -> str:
+    results = report_data["results"]
+    m = report_data["machine"]
+    return "\n\n".join([
+        f"`{report_data['command']}` on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {report_data['backend']}",
+        "Layer, forward + backward, float32:\n\n" + layer_table(results),
+        "DDP training step of the 5x100 MLP, global batch 100:\n\n" + step_table(results),
+        "Weight-scale sweep end to end:\n\n" + sweep_table(results),
+    ])
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run for everyday use (about a minute)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=defaults.world_sizes)
+    parser.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=defaults.shapes)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per contender")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed samples per contender")
+    parser.add_argument("--iters", type=int, default=defaults.iters, help="calls per timed sample")
+    parser.add_argument("--step-norms", nargs="+", choices=STEP_NORMS, default=defaults.step_norms)
+    parser.add_argument("--sweep-scales", type=int, default=defaults.sweep_scales, help="weight scales in the sweep case")
+    parser.add_argument("--sweep-epochs", type=int, default=defaults.sweep_epochs)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON file with every raw figure")
+    args = parser.parse_args(argv)
+    if args.quick:
+        return Settings.quick(), args.out
+    values = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
+    return Settings(**values), args.out
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, out = parse_args(argv)
+    data = run(settings)
+    out.write_text(json.dumps(data, indent=1))
+    print(report(data))
+    print(f"\nraw figures: {out}")
+
+
+if __name__ == "__main__":
+    main()
