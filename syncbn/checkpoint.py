@@ -73,7 +73,8 @@ def load(run_dir: Path) -> dict | None:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
-                raise CheckpointError(f"{path} cannot be read ({error}); move it away or pass train.resume=false") from error
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise CheckpointError(f"{path} cannot be read ({reason}); move it away or pass train.resume=false") from error
     return None
 
 
@@ -82,7 +83,7 @@ def signature(model: torch.nn.Module, norm: str, world_size: int) -> dict:
     return dict(
         world_size=world_size,
         norm=norm,
-        shapes={name: list(t.shape) for name, t in model.state_dict().items()},
+        shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
     )
 
 

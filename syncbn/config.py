@@ -8,6 +8,7 @@ composed DictConfig into these dataclasses at the boundary, and ``validate`` che
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, is_dataclass
 
 from hydra.core.config_store import ConfigStore
@@ -90,45 +91,52 @@ class Config:
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore; ``conf/`` files name them in their defaults lists."""
-    store = ConfigStore.instance()
-    store.store(name="schema", node=Config)
-    store.store(group="norm", name="schema", node=NormConfig)
-    store.store(group="optim", name="schema", node=OptimConfig)
-    store.store(group="data", name="schema", node=DataConfig)
-    store.store(group="model", name="schema", node=ModelConfig)
+    """Put the schema in Hydra's ConfigStore; ``conf/config.yaml`` names it first in its defaults,
+    so every group's node is typed by the dataclass of its field (``norm: NormConfig``...)."""
+    ConfigStore.instance().store(name="schema", node=Config)
 
 
 class ConfigError(ValueError):
     """A configuration value that has the right type but cannot work."""
 
 
+def _problems(config: Config, world_size: int) -> Iterator[str]:
+    """Every value the types allow but a run cannot use, as a message naming the key."""
+    for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
+                                ("data", config.data.name, DATASETS)):
+        if value not in choices:
+            yield f"{key} must be one of {', '.join(choices)}, got {value!r}"
+    if config.optim.lr <= 0:
+        yield f"optim.lr must be > 0, got {config.optim.lr}"
+    if config.train.epochs < 1:
+        yield f"train.epochs must be >= 1, got {config.train.epochs}"
+    if config.model.weight_scale <= 0:
+        yield f"model.weight_scale must be > 0, got {config.model.weight_scale}"
+    if not config.model.hidden:
+        yield "model.hidden must list at least one hidden layer width, got []"
+    if any(width < 1 for width in config.model.hidden):
+        yield f"model.hidden widths must be >= 1, got {config.model.hidden}"
+    if config.data.train_size is not None and config.data.train_size < 1:
+        yield f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"
+    if config.train.checkpoint_every_steps is not None and config.train.checkpoint_every_steps < 1:
+        yield f"train.checkpoint_every_steps must be >= 1 or null, got {config.train.checkpoint_every_steps}"
+    if config.dist.timeout_s <= 0:
+        yield f"dist.timeout_s must be > 0, got {config.dist.timeout_s}"
+    if config.dist.max_restarts < 0:
+        yield f"dist.max_restarts must be >= 0, got {config.dist.max_restarts}"
+    if config.dist.nproc < 1:
+        yield f"dist.nproc must be >= 1, got {config.dist.nproc}"
+    elif config.train.global_batch_size < world_size:
+        yield f"train.global_batch_size={config.train.global_batch_size} is smaller than the world size {world_size}"
+    elif config.train.global_batch_size % world_size:
+        yield f"train.global_batch_size={config.train.global_batch_size} is not divisible by the world size {world_size}"
+
+
 def validate(config: Config, world_size: int) -> Config:
     """Check what the schema's types cannot, for a run of ``world_size`` ranks."""
-    checks = [
-        (config.norm.name in NORMS, f"norm must be one of {', '.join(NORMS)}, got {config.norm.name!r}"),
-        (config.optim.name in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}, got {config.optim.name!r}"),
-        (config.data.name in DATASETS, f"data must be one of {', '.join(DATASETS)}, got {config.data.name!r}"),
-        (config.optim.lr > 0, f"optim.lr must be > 0, got {config.optim.lr}"),
-        (config.train.epochs >= 1, f"train.epochs must be >= 1, got {config.train.epochs}"),
-        (config.model.weight_scale > 0, f"model.weight_scale must be > 0, got {config.model.weight_scale}"),
-        (len(config.model.hidden) > 0, "model.hidden must list at least one hidden layer width, got []"),
-        (all(w > 0 for w in config.model.hidden), f"model.hidden widths must be > 0, got {config.model.hidden}"),
-        (config.dist.nproc >= 1, f"dist.nproc must be >= 1, got {config.dist.nproc}"),
-        (config.dist.timeout_s > 0, f"dist.timeout_s must be > 0, got {config.dist.timeout_s}"),
-        (config.dist.max_restarts >= 0, f"dist.max_restarts must be >= 0, got {config.dist.max_restarts}"),
-        (config.train.checkpoint_every_steps is None or config.train.checkpoint_every_steps >= 1,
-         f"train.checkpoint_every_steps must be >= 1 or null, got {config.train.checkpoint_every_steps}"),
-        (config.data.train_size is None or config.data.train_size >= 1,
-         f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"),
-        (config.train.global_batch_size >= world_size,
-         f"train.global_batch_size={config.train.global_batch_size} is smaller than the world size {world_size}"),
-        (config.train.global_batch_size % world_size == 0,
-         f"train.global_batch_size={config.train.global_batch_size} is not divisible by the world size {world_size}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    problem = next(_problems(config, world_size), None)
+    if problem is not None:
+        raise ConfigError(problem)
     return config
 
 

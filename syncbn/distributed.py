@@ -91,13 +91,24 @@ def process_group(config: DistConfig) -> Iterator[DistContext]:
     backend = choose_backend(config, device)
     timeout = timedelta(seconds=config.timeout_s)
     if launched():
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
         yield DistContext(rank, local_rank, world_size, device, backend)
     finally:
         dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's store, under a prefix of its own for each restart of the worker group.
+
+    The elastic agent's store outlives a restart; without the prefix, a restarted rank can read
+    the Gloo addresses its peers published before the crash and fail to connect to them.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 0) -> dict[int, Any]:

@@ -74,10 +74,18 @@ def merge_moments(gathered: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tens
     return total, mean, var
 
 
-def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup, phase: str) -> torch.Tensor:
     world_size = dist.get_world_size(group)
     out = packed.new_empty(world_size * packed.numel())
-    _all_gather_single(out, packed, group=group)
+    try:
+        _all_gather_single(out, packed, group=group)
+    except RuntimeError as error:
+        # The backend's message (a timeout, a closed connection) does not say which call it was.
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        raise RuntimeError(
+            f"SyncBatchNorm {phase}: all_gather over {world_size} ranks failed, a rank stopped, died or took "
+            f"a different path before joining it (process-group timeout / connection loss): {detail}"
+        ) from error
     return out.view(world_size, -1)
 
 
@@ -102,7 +110,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
-        gathered = _all_gather(local_moments(x), group)
+        gathered = _all_gather(local_moments(x), group, "forward")
         count, mean, var = merge_moments(gathered)
         if count == 1:
             raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
@@ -129,7 +137,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and ctx.count == 0:
             grad_input = torch.empty_like(x)
         elif ctx.needs_input_grad[0]:
-            total = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group).sum(0)
+            total = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward").sum(0)
             grad_input = _grad_input(
                 grad_out, x, weight, mean, var, ctx.eps, total[:channels] / ctx.count, total[channels:] / ctx.count
             )

@@ -57,10 +57,15 @@ def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
     columns = min(4, len(scales))
     grid_rows = math.ceil(len(scales) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(3 * columns, 2.6 * grid_rows), squeeze=False, sharey=True)
+    diverged = {(row["weight_scale"], row["norm"]): row["epoch"] for row in rows if row.get("diverged")}
     for ax, scale in zip(axes.flat, scales):
         for norm, points in sorted(curves[scale].items()):
             epochs, accuracy = zip(*sorted(points))
-            ax.plot(epochs, accuracy, LINE_STYLES.get(norm, "-"), label=LABELS.get(norm, norm))
+            (line,) = ax.plot(epochs, accuracy, LINE_STYLES.get(norm, "-"), label=LABELS.get(norm, norm))
+            if (scale, norm) in diverged:
+                ax.plot(epochs[-1], accuracy[-1], "x", color=line.get_color(), markersize=8)
+                ax.annotate(f"{norm}: loss not finite at epoch {epochs[-1]}, stopped", (0.97, 0.9), xycoords="axes fraction",
+                            ha="right", fontsize=7, color=line.get_color())
         ax.set_title(f"weight scale {scale:.3g}", fontsize=9)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -88,8 +93,13 @@ def final_accuracy_table(rows: list[dict]) -> str:
             last[key] = row
     norms = sorted({norm for _, norm in last})
     lines = ["| weight scale | " + " | ".join(LABELS.get(n, n) for n in norms) + " |", "|---" * (len(norms) + 1) + "|"]
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return ""
+        return f"diverged (epoch {row['epoch']})" if row.get("diverged") else f"{row['train_acc']:.3f}"
+
     for scale in sorted({scale for scale, _ in last}, reverse=True):
-        cells = [f"{last[(scale, n)]['train_acc']:.3f}" if (scale, n) in last else "" for n in norms]
+        cells = [cell(last.get((scale, n))) for n in norms]
         lines.append(f"| {scale:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -6,6 +6,8 @@
     launch/torchrun.sh --nproc-per-node=4 norm=syncbn         # torchrun: NCCL on GPUs, else Gloo
     torchrun --standalone --nproc-per-node=2 -m syncbn.train hydra.run.dir=outputs/run1
     python -m syncbn.train -m +experiment=weight_scale_sweep dist.nproc=2
+    python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
+    python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
 
 Under torchrun every rank runs this app: pass one ``hydra.run.dir`` to all of them (the launch/
 scripts do); ranks other than 0 write nothing.
@@ -13,17 +15,26 @@ scripts do); ranks other than 0 write nothing.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from syncbn import distributed, trainer
-from syncbn.config import Config, register, to_config, validate
+from syncbn import checkpoint, data, distributed, trainer
+from syncbn.checkpoint import CheckpointError
+from syncbn.config import Config, ConfigError, register, to_config, validate
+from syncbn.data import DataError
+from syncbn.models import build_model
 
 log = logging.getLogger("syncbn.train")
 register()
@@ -47,25 +58,77 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     return run_rank(config, run_dir)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    config = to_config(cfg)
-    world_size = distributed.planned_world_size(config.dist)
+def preflight(config: Config, world_size: int, run_dir: Path) -> None:
+    """Everything that can be checked before a process group starts: values, backend and device,
+    the data, and a checkpoint this run would resume from."""
     validate(config, world_size)
     distributed.check(config.dist)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if config.dist.nproc > 1 and not distributed.launched():
-        log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
-        distributed.launch_local(run_simulated_rank, (config, run_dir), world_size)
-    else:
-        run_rank(config, run_dir)
+    data.load(config.data)
+    state = checkpoint.load(run_dir) if config.train.resume else None
+    if state is not None:
+        model = build_model(config.model, config.norm)
+        checkpoint.check_compatible(state, checkpoint.signature(model, config.norm.name, world_size), run_dir)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        config = to_config(cfg)
+        world_size = distributed.planned_world_size(config.dist)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        preflight(config, world_size, run_dir)
+        if config.dist.nproc > 1 and not distributed.launched():
+            log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
+            distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
+        else:
+            run_rank(config, run_dir)
+
+
+def describe(error: BaseException) -> str:
+    """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
+    rank's own message, or ours."""
+    if isinstance(error, ChildFailedError):
+        rank, failure = error.get_first_failure()
+        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        exit_text = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        return f"rank {rank} failed ({exit_text}): {reason}".rstrip(": ")
+    parts = [str(error)] + ([str(error.__cause__)] if isinstance(error, HydraException) and error.__cause__ else [])
+    lines = [line.strip() for part in parts for line in part.splitlines()]
+    lines = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines))
+    return " ".join(line for line in lines if line and not line.startswith(("reference_type", "object_type")))
+
+
+KNOWN_FAILURES = (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, ChildFailedError)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Known failures end the process with one line on stderr (a traceback with ``--debug``).
+
+    It exits from inside the Hydra job too, so that Hydra adds no lines of its own."""
+    try:
+        yield
+    except KNOWN_FAILURES as error:
+        if os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        print(f"syncbn.train: error: {describe(error)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cli() -> None:
+    """``python -m syncbn.train [--debug] [overrides]``."""
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+        os.environ["SYNCBN_DEBUG"] = "1"
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
+    with one_line_errors():
+        main()
 
 
 if __name__ == "__main__":

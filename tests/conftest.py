@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 
 from gloo import GlooGroup
+from idx import write_idx
 
 _groups: dict[int, GlooGroup] = {}
 
@@ -18,3 +20,20 @@ def gloo_group():
     for group in _groups.values():
         group.close()
     _groups.clear()
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """12 training and 5 test 'digits' in torchvision's raw layout (``root/MNIST/raw``), pixels known."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(12) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.array([3, 1, 4, 1, 5]),
+    }
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+    return tmp_path, arrays

@@ -77,7 +77,11 @@ class GlooGroup:
             if not conn.poll(self.call_timeout_s):
                 self.close()
                 raise TimeoutError(f"rank {rank} did not answer {fn.__name__} within {self.call_timeout_s}s")
-            status, value = conn.recv()
+            try:
+                status, value = conn.recv()
+            except (EOFError, ConnectionError) as error:
+                self.close()
+                raise RankError(f"rank {rank} died during {fn.__name__} ({error!r})") from error
             if status == "error":
                 errors.append(f"--- rank {rank} ---\n{value}")
             results.append(value)

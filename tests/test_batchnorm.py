@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.distributed import count_collectives
+from gloo import GlooGroup
 
 STEPS = 3
 EXACT = dict(rtol=1e-10, atol=1e-10)
@@ -363,3 +365,28 @@ def test_convert_and_revert_keep_parameters_buffers_and_outputs():
 def test_revert_needs_a_known_shape():
     with pytest.raises(ValueError, match="run one forward pass first"):
         revert_sync_batchnorm(SyncBatchNorm(3))
+
+
+def stall_between_forward_and_backward(stall_s: float) -> tuple[float, str]:
+    """Rank 1 runs the forward pass, then stalls instead of running the backward pass."""
+    y = SyncBatchNorm(3)(torch.randn(4, 3, requires_grad=True))
+    if dist.get_rank() == 1:
+        time.sleep(stall_s)
+        return 0.0, "stalled"
+    start = time.monotonic()
+    try:
+        y.sum().backward()
+    except RuntimeError as error:
+        return time.monotonic() - start, str(error)
+    return time.monotonic() - start, "no error"
+
+
+def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
+    group = GlooGroup(2, call_timeout_s=40, collective_timeout_s=3)
+    try:
+        (elapsed, message), _ = group.run(stall_between_forward_and_backward, 10.0)
+    finally:
+        group.close()
+    assert message.startswith("SyncBatchNorm backward: all_gather over 2 ranks failed"), message
+    assert "3000ms" in message or "timed out" in message.lower(), message
+    assert 2.5 < elapsed < 8, f"rank 0 failed after {elapsed:.1f}s, the timeout is 3s"

