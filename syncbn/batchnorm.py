@@ -80,7 +80,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        self.last_input_dim = input.dim()
+        if input.dim() != self.last_input_dim:  # nn.Module.__setattr__ costs microseconds per call
+            self.last_input_dim = input.dim()
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -260,14 +260,14 @@ def machine() -> dict:
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings, argv: list[str]) -> dict:
     layer_and_step = []
     for world_size in settings.world_sizes:
         layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
     plain = plain_sweep_seconds(settings)
     sweeps = [dict(case="sweep", world_size=w, seconds=sweep_command_seconds(settings, w), plain_seconds=plain)
               for w in settings.world_sizes]
-    return dict(command=" ".join(["python -m syncbn.bench", *sys.argv[1:]]), machine=machine(),
+    return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
                 results=layer_and_step + sweeps)
 
@@ -320,8 +320,10 @@ def report(report_data: dict) -> str:
     ])
 
 
-def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
-    defaults = Settings()
+def parse_args(argv: list[str]) -> tuple[Settings, Path]:
+    """``--quick`` changes the defaults; any knob given explicitly still wins."""
+    quick = "--quick" in argv
+    defaults = Settings.quick() if quick else Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small run for everyday use (about a minute)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=defaults.world_sizes)
@@ -335,15 +337,14 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON file with every raw figure")
     args = parser.parse_args(argv)
-    if args.quick:
-        return Settings.quick(), args.out
     values = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
     return Settings(**values), args.out
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     settings, out = parse_args(argv)
-    data = run(settings)
+    data = run(settings, argv)
     out.write_text(json.dumps(data, indent=1))
     print(report(data))
     print(f"\nraw figures: {out}")

@@ -1,0 +1,32 @@
+"""The benchmark harness end to end on a tiny case: every field of its JSON, not the times."""
+
+import json
+
+from syncbn.bench import main
+
+TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
+        "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2"]
+
+
+def test_quick_mode_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main([*TINY, "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m syncbn.bench --quick")
+    assert {"cpu", "cores", "torch", "python", "cuda"} <= report["machine"].keys()
+    assert report["backend"] == "gloo" and report["settings"]["repeats"] == 2
+    by_case = {}
+    for result in report["results"]:
+        by_case.setdefault(result["case"], []).append(result)
+    [layer] = by_case["layer"]
+    assert layer["world_size"] == 2 and layer["shape"] == "(25,100)"
+    assert layer["seconds"].keys() == {"syncbn", "local_bn", "floor_allgather", "floor_allreduce", "bn_with_gathers"}
+    assert all(len(samples) == 2 and min(samples) > 0 for samples in layer["seconds"].values())
+    assert layer["collectives"] == {"c10d::_allgather_base_": 2}, "one all-gather each way"
+    [step] = by_case["step"]
+    assert step["collectives"] == {"c10d::_allgather_base_": 10, "c10d::allreduce_": 1}, "2 per norm layer + DDP's bucket"
+    assert len(step["seconds"]) == 2
+    assert [r["world_size"] for r in by_case["sweep"]] == [2]
+    assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 for r in by_case["sweep"])
+    printed = capsys.readouterr().out
+    assert "| world | shape | syncbn ms" in printed and "| world | norm | ms per step" in printed and "sweep command s" in printed
