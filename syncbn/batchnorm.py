@@ -31,6 +31,20 @@ _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
 }
 
 
+def _check_input(layer: _BatchNorm, input: torch.Tensor) -> None:
+    name = type(layer).__name__
+    if input.dim() < 2:
+        raise ValueError(
+            f"{name} expects input of shape (N, C, *) with at least 2 dimensions, "
+            f"got a {input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    if input.size(1) != layer.num_features:
+        raise ValueError(
+            f"{name}({layer.num_features}) expects {layer.num_features} channels in dim 1, "
+            f"got input of shape {tuple(input.shape)} with {input.size(1)} channels"
+        )
+
+
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics cover every rank of ``process_group`` (default: WORLD).
 
@@ -62,16 +76,7 @@ class SyncBatchNorm(_BatchNorm):
         self.last_input_dim: int | None = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(
-                f"SyncBatchNorm expects input of shape (N, C, *) with at least 2 dimensions, "
-                f"got a {input.dim()}D input of shape {tuple(input.shape)}"
-            )
-        if input.size(1) != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm({self.num_features}) expects {self.num_features} channels in dim 1, "
-                f"got input of shape {tuple(input.shape)} with {input.size(1)} channels"
-            )
+        _check_input(self, input)
 
     def _group_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -94,6 +99,45 @@ class SyncBatchNorm(_BatchNorm):
             group = self.process_group or dist.group.WORLD
             return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+
+
+class GhostBatchNorm(_BatchNorm):
+    """One process that normalizes like ``slices`` DDP ranks with plain, unsynchronized BatchNorm.
+
+    In training, slice r of the batch is the samples r, r + S, r + 2S, ... (S = ``slices``): rank r's
+    share of a global batch under ``DistributedSampler``, which deals out positions that way. Each
+    slice is normalized with its own statistics. The running statistics
+    follow slice 0 alone: under DDP's default ``broadcast_buffers=True`` every forward starts from
+    rank 0's buffers, so rank 0's are the ones that last. ``tests/test_batchnorm.py`` checks the
+    emulation against real Gloo ranks, step by step. Eval mode is plain BatchNorm.
+    """
+
+    def __init__(self, num_features: int, slices: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, True, True, device, dtype)
+        if slices < 1:
+            raise ValueError(f"GhostBatchNorm needs at least 1 slice, got {slices}")
+        self.slices = slices
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _check_input(self, input)
+        if self.training and input.size(0) % self.slices:
+            raise ValueError(
+                f"GhostBatchNorm with {self.slices} slices needs a batch divisible by {self.slices}, got {input.size(0)}"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        parts = [
+            F.batch_norm(input[index :: self.slices], self.running_mean if index == 0 else None,
+                         self.running_var if index == 0 else None, self.weight, self.bias, True, momentum, self.eps)
+            for index in range(self.slices)
+        ]
+        return torch.stack(parts, dim=1).flatten(0, 1)
 
 
 def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:

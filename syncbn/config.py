@@ -25,6 +25,7 @@ class NormConfig:
     num_groups: int = 10
     eps: float = 1e-5
     momentum: float = 0.1
+    ghost_slices: int | None = None  # norm=bn only: emulate this many ranks of per-rank BN in one process
 
 
 @dataclass
@@ -106,6 +107,12 @@ def _problems(config: Config, world_size: int) -> Iterator[str]:
                                 ("data", config.data.name, DATASETS)):
         if value not in choices:
             yield f"{key} must be one of {', '.join(choices)}, got {value!r}"
+    if config.norm.ghost_slices is not None:
+        if config.norm.name != "bn":
+            yield f"norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm={config.norm.name}"
+        elif config.norm.ghost_slices < 1 or config.train.global_batch_size % (config.norm.ghost_slices * world_size):
+            yield (f"norm.ghost_slices={config.norm.ghost_slices} must be >= 1 and divide the per-rank batch "
+                   f"{config.train.global_batch_size}/{world_size}")
     if config.optim.lr <= 0:
         yield f"optim.lr must be > 0, got {config.optim.lr}"
     if config.train.epochs < 1:

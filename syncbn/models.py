@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from syncbn.batchnorm import SyncBatchNorm
+from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm
 from syncbn.config import ModelConfig, NormConfig
 
 IMAGE_FEATURES = 28 * 28
@@ -15,6 +15,8 @@ def make_norm(norm: NormConfig, width: int) -> nn.Module:
     """The norm layer after a Linear of ``width`` outputs."""
     if norm.name == "syncbn":
         return SyncBatchNorm(width, eps=norm.eps, momentum=norm.momentum)
+    if norm.name == "bn" and norm.ghost_slices:
+        return GhostBatchNorm(width, norm.ghost_slices, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "bn":
         return nn.BatchNorm1d(width, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "layernorm":

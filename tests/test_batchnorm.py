@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.distributed import count_collectives
 from gloo import GlooGroup
 
@@ -390,3 +390,48 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
     assert message.startswith("SyncBatchNorm backward: all_gather over 2 ranks failed"), message
     assert "3000ms" in message or "timed out" in message.lower(), message
     assert 2.5 < elapsed < 8, f"rank 0 failed after {elapsed:.1f}s, the timeout is 3s"
+
+
+def train_local_bn_on_rank() -> dict:
+    """Real DDP ranks with plain per-rank BatchNorm1d and DDP's default buffer broadcast; rank r
+    holds samples r, r + W, ... of each global batch, as DistributedSampler deals them."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(_tiny_net(nn.BatchNorm1d))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    outputs = []
+    for x, target in _ddp_batches(world_size):
+        opt.zero_grad()
+        out = model(x[rank::world_size])
+        F.cross_entropy(out, target[rank::world_size]).backward()
+        opt.step()
+        outputs.append(out.detach())
+    return dict(outputs=outputs, state=model.module.state_dict())
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ghost_batchnorm_in_one_process_trains_like_per_rank_batchnorm_on_real_ranks(gloo_group, world_size):
+    """Same outputs every step, same parameters and running statistics (rank 0's) after 3 steps."""
+    ghost = _tiny_net(lambda width: GhostBatchNorm(width, slices=world_size))
+    opt = torch.optim.SGD(ghost.parameters(), lr=0.5)
+    outputs = []
+    for x, target in _ddp_batches(world_size):
+        opt.zero_grad()
+        out = ghost(x)
+        F.cross_entropy(out, target).backward()
+        opt.step()
+        outputs.append(out.detach())
+    ranks = gloo_group(world_size).run(train_local_bn_on_rank)
+    for step, out in enumerate(outputs):
+        for rank, r in enumerate(ranks):
+            torch.testing.assert_close(r["outputs"][step], out[rank::world_size], **EXACT, msg=f"step {step}, rank {rank}")
+    for name, value in ghost.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], value, **EXACT, msg=name)
+
+
+def test_ghost_batchnorm_with_one_slice_is_batchnorm_and_checks_the_batch():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    ghost, plain = GhostBatchNorm(4, slices=1), nn.BatchNorm1d(4)
+    assert torch.equal(ghost(x), plain(x)) and torch.equal(ghost.running_var, plain.running_var)
+    with pytest.raises(ValueError, match="GhostBatchNorm with 4 slices needs a batch divisible by 4, got 6"):
+        GhostBatchNorm(4, slices=4)(x)

@@ -74,6 +74,8 @@ def test_wrong_type_unknown_key_or_choice_fails_composition(override, cause):
     (["model.weight_scale=-1"], 1, "model.weight_scale must be > 0"),
     (["model.hidden=[]"], 1, "model.hidden must list at least one"),
     (["dist.nproc=0"], 1, "dist.nproc must be >= 1"),
+    (["norm.ghost_slices=2"], 1, "norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn"),
+    (["norm=bn", "norm.ghost_slices=3"], 1, "norm.ghost_slices=3 must be >= 1 and divide the per-rank batch 100/1"),
     (["train.global_batch_size=100"], 3, "not divisible by the world size 3"),
     (["train.global_batch_size=2"], 4, "smaller than the world size 4"),
 ])

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from syncbn import SyncBatchNorm
+from syncbn import GhostBatchNorm, SyncBatchNorm
 from syncbn.config import ModelConfig, NormConfig
 from syncbn.models import build_model
 
@@ -27,6 +27,11 @@ def test_every_linear_is_normal_with_the_weight_scale_and_zero_bias():
         assert torch.all(linear.bias == 0)
         assert linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert linear.weight.mean().abs().item() < 0.002
+
+
+def test_bn_with_ghost_slices_emulates_ranks_in_one_process():
+    model = build_model(ModelConfig(hidden=[20]), NormConfig(name="bn", ghost_slices=4))
+    assert [m.slices for m in model if isinstance(m, GhostBatchNorm)] == [4]
 
 
 def test_groupnorm_groups_must_divide_the_width():

@@ -121,7 +121,8 @@ def assert_same_training(a: list[dict], b: list[dict], train_size: int, test_siz
 
 def test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not(gloo_group):
     """Same seed, global batch 100: SyncBN at 1, 2 and 4 ranks matches epoch by epoch; plain BN
-    at 4 ranks (25 samples per rank) does not; a rerun is identical."""
+    at 4 ranks (25 samples per rank) does not, and one process with 4 ghost slices reproduces it;
+    a rerun is identical."""
     syncbn = compose_config("train.epochs=3", "model.weight_scale=0.05")
     local_bn = compose_config("train.epochs=3", "model.weight_scale=0.05", "norm=bn")
     one = gloo_group(1).run(fit_on_rank, syncbn)[0]
@@ -134,6 +135,9 @@ def test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not(gloo_g
     with pytest.raises(AssertionError):
         assert_same_training(one, bn_four, 1000, 4000)
     assert max(abs(a["train_loss"] / b["train_loss"] - 1) for a, b in zip(one, bn_four)) > 1e-3
+
+    ghost = compose_config("train.epochs=3", "model.weight_scale=0.05", "norm=bn", "norm.ghost_slices=4")
+    assert_same_training(bn_four, gloo_group(1).run(fit_on_rank, ghost)[0], 1000, 4000)
 
     again = gloo_group(2).run(fit_on_rank, syncbn)[0]
     assert strip(again) == strip(two[0])
