@@ -11,16 +11,17 @@ IMAGE_FEATURES = 28 * 28
 CLASSES = 10
 
 
-def make_norm(norm: NormConfig, width: int) -> nn.Module:
-    """The norm layer after a Linear of ``width`` outputs."""
+def make_norm(norm: NormConfig, width: int, images: bool = False) -> nn.Module:
+    """The norm layer after a Linear of ``width`` outputs, or a conv of ``width`` channels."""
     if norm.name == "syncbn":
         return SyncBatchNorm(width, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "bn" and norm.ghost_slices:
         return GhostBatchNorm(width, norm.ghost_slices, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "bn":
-        return nn.BatchNorm1d(width, eps=norm.eps, momentum=norm.momentum)
+        return (nn.BatchNorm2d if images else nn.BatchNorm1d)(width, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "layernorm":
-        return nn.LayerNorm(width, eps=norm.eps)
+        # Over (C, H, W) for feature maps: one group of all channels.
+        return nn.GroupNorm(1, width, eps=norm.eps) if images else nn.LayerNorm(width, eps=norm.eps)
     if norm.name == "groupnorm":
         if width % norm.num_groups:
             raise ValueError(f"norm.num_groups={norm.num_groups} does not divide the layer width {width}")
@@ -28,6 +29,15 @@ def make_norm(norm: NormConfig, width: int) -> nn.Module:
     if norm.name == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {norm.name!r}")
+
+
+def _init_weights(layers: list[nn.Module], weight_scale: float) -> nn.Sequential:
+    """Every Linear and conv: weights ~ N(0, weight_scale), zero bias."""
+    for layer in layers:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(layer.weight, mean=0.0, std=weight_scale)
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
 
 
 def make_mlp(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
@@ -38,14 +48,26 @@ def make_mlp(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
         layers += [nn.Linear(width, hidden), make_norm(norm, hidden), nn.ReLU()]
         width = hidden
     layers.append(nn.Linear(width, CLASSES))
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, mean=0.0, std=model.weight_scale)
-            nn.init.zeros_(layer.bias)
-    return nn.Sequential(*layers)
+    return _init_weights(layers, model.weight_scale)
+
+
+def make_cnn(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
+    """28x28 -> [conv 3x3 -> norm -> ReLU -> max-pool 2] per entry of ``hidden`` (its channels) -> 10.
+
+    Here BatchNorm normalizes each channel over N x H x W values, the classic convolutional case.
+    """
+    layers: list[nn.Module] = []
+    channels, side = 1, 28
+    for width in model.hidden:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), make_norm(norm, width, images=True), nn.ReLU(), nn.MaxPool2d(2)]
+        channels, side = width, side // 2
+    layers += [nn.Flatten(), nn.Linear(channels * side * side, CLASSES)]
+    return _init_weights(layers, model.weight_scale)
 
 
 def build_model(model: ModelConfig, norm: NormConfig) -> nn.Module:
     if model.name == "mlp":
         return make_mlp(model, norm)
-    raise ValueError(f"unknown model {model.name!r}; expected mlp")
+    if model.name == "cnn":
+        return make_cnn(model, norm)
+    raise ValueError(f"unknown model {model.name!r}; expected mlp or cnn")

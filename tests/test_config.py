@@ -37,7 +37,7 @@ def test_defaults_are_the_books_experiment():
     ("norm", ["syncbn", "bn", "none", "layernorm", "groupnorm"]),
     ("optim", ["sgd", "adam"]),
     ("data", ["mnist5k", "mnist"]),
-    ("model", ["mlp"]),
+    ("model", ["mlp", "cnn"]),
 ])
 def test_every_group_choice_composes(group, choices):
     for choice in choices:

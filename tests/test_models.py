@@ -29,6 +29,23 @@ def test_every_linear_is_normal_with_the_weight_scale_and_zero_bias():
         assert linear.weight.mean().abs().item() < 0.002
 
 
+CNN_NORMS = {"syncbn": SyncBatchNorm, "bn": nn.BatchNorm2d, "layernorm": nn.GroupNorm, "groupnorm": nn.GroupNorm, "none": nn.Identity}
+
+
+@pytest.mark.parametrize("norm", list(CNN_NORMS))
+def test_cnn_is_conv_norm_relu_pool_per_block(norm):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn", hidden=[20, 40], weight_scale=0.1), NormConfig(name=norm))
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 20), (20, 40)]
+    norms = [m for m in model if isinstance(m, CNN_NORMS[norm])]
+    assert len(norms) == 2
+    if norm == "layernorm":
+        assert [m.num_groups for m in norms] == [1, 1], "LayerNorm over (C, H, W)"
+    assert model(torch.rand(6, 1, 28, 28)).shape == (6, 10)
+    assert all(torch.all(c.bias == 0) for c in convs)
+
+
 def test_bn_with_ghost_slices_emulates_ranks_in_one_process():
     model = build_model(ModelConfig(hidden=[20]), NormConfig(name="bn", ghost_slices=4))
     assert [m.slices for m in model if isinstance(m, GhostBatchNorm)] == [4]
