@@ -76,10 +76,6 @@ class Settings:
                    step_norms=["syncbn", "bn"], sweep_scales=1, sweep_epochs=1)
 
 
-def _median(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
     """Per contender: the slowest rank's seconds per call, for each repeat (interleaved A B C ...)."""
     for fn in contenders.values():
@@ -281,7 +277,7 @@ def layer_table(results: list[dict]) -> str:
              "| (syncbn - BN) / floor | BN + 2 all-gathers ms | syncbn / (BN + all-gathers) | collectives per fwd+bwd "
              "| torch SyncBN ms |", "|---" * 12 + "|"]
     for r in (r for r in results if r["case"] == "layer"):
-        s = {name: _median(v) for name, v in r["seconds"].items()}
+        s = {name: statistics.median(v) for name, v in r["seconds"].items()}
         floor = s.get("floor_allgather")
         cells = [r["world_size"], r["shape"], _ms(s["syncbn"]), _ms(s["local_bn"]), f"{s['syncbn'] / s['local_bn']:.2f}"]
         if floor:
@@ -298,7 +294,7 @@ def step_table(results: list[dict]) -> str:
     lines = ["| world | norm | ms per step | collectives per step |", "|---|---|---|---|"]
     for r in (r for r in results if r["case"] == "step"):
         counts = ", ".join(f"{n.removeprefix('c10d::')} x{c}" for n, c in sorted(r["collectives"].items()))
-        lines.append(f"| {r['world_size']} | {r['norm']} | {_ms(_median(r['seconds']))} | {counts} |")
+        lines.append(f"| {r['world_size']} | {r['norm']} | {_ms(statistics.median(r['seconds']))} | {counts} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,16 @@ class DataError(RuntimeError):
 
 
 def load(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
-    """(train, test) for the configured dataset."""
-    if config.name == "mnist5k":
-        return load_mnist5k(config.train_size, config.split_seed)
-    return load_mnist(config.root, config.download, config.train_size)
+    """(train, test) for the configured dataset. The preflight check and the training of a rank in
+    the same process share one load (nothing modifies the tensors)."""
+    return _load(config.name, config.root, config.download, config.train_size, config.split_seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _load(name: str, root: str, download: bool, train_size: int | None, split_seed: int) -> tuple[TensorDataset, TensorDataset]:
+    if name == "mnist5k":
+        return load_mnist5k(train_size, split_seed)
+    return load_mnist(root, download, train_size)
 
 
 def _images(pixels: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,6 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
-    backend: str
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +95,7 @@ def process_group(config: DistConfig) -> Iterator[DistContext]:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
-        yield DistContext(rank, local_rank, world_size, device, backend)
+        yield DistContext(rank, local_rank, world_size, device)
     finally:
         dist.destroy_process_group()
 

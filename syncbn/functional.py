@@ -11,7 +11,7 @@ Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; on
 of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
 the input gradient in closed form, again as one fused pass plus one ``addcmul``.
 
-All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.4-3x at 2
+All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.6-3x at 2
 ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
 input needs no gradient, backward needs no collective (weight and bias gradients are local shares).
 """

@@ -73,12 +73,10 @@ def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, ba
     return torch.stack([correct, correct.new_tensor(len(labels))])
 
 
-def inject_fault(fault: FaultConfig, rank: int, global_step: int) -> None:
-    """SIGKILL this rank if the fault config says so, on the first attempt only."""
+def fault_step(fault: FaultConfig, rank: int) -> int | None:
+    """The global step after which this rank is to SIGKILL itself: only on the first attempt."""
     first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
-    if first_attempt and fault.kill_rank == rank and fault.kill_at_step == global_step:
-        log.warning("fault injection: killing rank %d after step %d", rank, global_step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    return fault.kill_at_step if first_attempt and fault.kill_rank == rank else None
 
 
 @dataclass
@@ -121,6 +119,7 @@ class Training:
         )
         self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size, sampler=self.sampler)
         self.signature = checkpoint.signature(self.model.module, config.norm.name, ctx.world_size)
+        self.kill_at_step = fault_step(config.fault, ctx.rank)
         self.progress = Progress()
         if run_dir is not None and config.train.resume:
             self._resume()
@@ -181,7 +180,9 @@ class Training:
             progress.global_step += 1
             if every and progress.global_step % every == 0:
                 totals = self._checkpoint_mid_epoch(totals)
-            inject_fault(self.config.fault, self.ctx.rank, progress.global_step)
+            if progress.global_step == self.kill_at_step:
+                log.warning("fault injection: killing rank %d after step %d", self.ctx.rank, progress.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
         return totals
 
     def evaluate(self, totals: torch.Tensor) -> dict:

@@ -303,24 +303,29 @@ def _ddp_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 3, (4 * world_size,), generator=gen)) for _ in range(3)]
 
 
+def _train(model: nn.Module, batches, share=lambda t: t) -> list[torch.Tensor]:
+    """SGD steps (lr 0.5, cross-entropy) on ``share`` of each batch; the outputs of every step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    outputs = []
+    for x, target in batches:
+        opt.zero_grad()
+        out = model(share(x))
+        F.cross_entropy(out, share(target)).backward()
+        opt.step()
+        outputs.append(out.detach())
+    return outputs
+
+
 def train_ddp_on_rank() -> dict:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = DistributedDataParallel(convert_sync_batchnorm(_tiny_net(nn.BatchNorm1d)), broadcast_buffers=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for x, target in _ddp_batches(world_size):
-        opt.zero_grad()
-        F.cross_entropy(model(x.chunk(world_size)[rank]), target.chunk(world_size)[rank]).backward()
-        opt.step()
+    _train(model, _ddp_batches(world_size), lambda t: t.chunk(world_size)[rank])
     return model.module.state_dict()
 
 
 def test_ddp_on_cpu_trains_like_one_process_on_the_global_batch(gloo_group):
     reference = _tiny_net(nn.BatchNorm1d)
-    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
-    for x, target in _ddp_batches(2):
-        opt.zero_grad()
-        F.cross_entropy(reference(x), target).backward()
-        opt.step()
+    _train(reference, _ddp_batches(2))
     for state in gloo_group(2).run(train_ddp_on_rank):
         assert state.keys() == reference.state_dict().keys()
         for name, value in reference.state_dict().items():
@@ -397,14 +402,7 @@ def train_local_bn_on_rank() -> dict:
     holds samples r, r + W, ... of each global batch, as DistributedSampler deals them."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     model = DistributedDataParallel(_tiny_net(nn.BatchNorm1d))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    outputs = []
-    for x, target in _ddp_batches(world_size):
-        opt.zero_grad()
-        out = model(x[rank::world_size])
-        F.cross_entropy(out, target[rank::world_size]).backward()
-        opt.step()
-        outputs.append(out.detach())
+    outputs = _train(model, _ddp_batches(world_size), lambda t: t[rank::world_size])
     return dict(outputs=outputs, state=model.module.state_dict())
 
 
@@ -412,14 +410,7 @@ def train_local_bn_on_rank() -> dict:
 def test_ghost_batchnorm_in_one_process_trains_like_per_rank_batchnorm_on_real_ranks(gloo_group, world_size):
     """Same outputs every step, same parameters and running statistics (rank 0's) after 3 steps."""
     ghost = _tiny_net(lambda width: GhostBatchNorm(width, slices=world_size))
-    opt = torch.optim.SGD(ghost.parameters(), lr=0.5)
-    outputs = []
-    for x, target in _ddp_batches(world_size):
-        opt.zero_grad()
-        out = ghost(x)
-        F.cross_entropy(out, target).backward()
-        opt.step()
-        outputs.append(out.detach())
+    outputs = _train(ghost, _ddp_batches(world_size))
     ranks = gloo_group(world_size).run(train_local_bn_on_rank)
     for step, out in enumerate(outputs):
         for rank, r in enumerate(ranks):

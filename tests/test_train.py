@@ -104,7 +104,7 @@ def test_torchrun_standalone_through_the_launch_wrapper(tmp_path):
 
 def fit_on_rank(config: Config, run_dir: Path | None = None) -> list[dict]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    return trainer.fit(config, DistContext(rank, rank, world_size, torch.device("cpu"), "gloo"), run_dir)
+    return trainer.fit(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dir)
 
 
 def strip(records: list[dict]) -> list[dict]:
