@@ -80,6 +80,16 @@ class FaultConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The batch-size study (``+experiment=batch_size_study``, see ``syncbn/study.py``): a
+    per-device batch becomes a data-parallel world size, run as real ranks up to
+    ``max_real_ranks`` and emulated in one process beyond."""
+
+    per_device_batch: int | None = None  # null: an ordinary run, dist.nproc decides the world size
+    max_real_ranks: int = 2
+
+
+@dataclass
 class Config:
     seed: int = 0
     norm: NormConfig = MISSING
@@ -89,6 +99,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def register() -> None:

@@ -6,6 +6,7 @@
     launch/torchrun.sh --nproc-per-node=4 norm=syncbn         # torchrun: NCCL on GPUs, else Gloo
     torchrun --standalone --nproc-per-node=2 -m syncbn.train hydra.run.dir=outputs/run1
     python -m syncbn.train -m +experiment=weight_scale_sweep dist.nproc=2
+    python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
     python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
 
@@ -30,7 +31,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from syncbn import checkpoint, data, distributed, trainer
+from syncbn import checkpoint, data, distributed, study, trainer
 from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config, ConfigError, register, to_config, validate
 from syncbn.data import DataError
@@ -77,9 +78,14 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         config = to_config(cfg)
+        layout = study.plan(config)
+        if layout is not None:
+            config = layout.apply(config)
         world_size = distributed.planned_world_size(config.dist)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         preflight(config, world_size, run_dir)
+        if layout is not None:
+            layout.save(config, run_dir)
         if config.dist.nproc > 1 and not distributed.launched():
             log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
             distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)

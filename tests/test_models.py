@@ -35,9 +35,9 @@ CNN_NORMS = {"syncbn": SyncBatchNorm, "bn": nn.BatchNorm2d, "layernorm": nn.Grou
 @pytest.mark.parametrize("norm", list(CNN_NORMS))
 def test_cnn_is_conv_norm_relu_pool_per_block(norm):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="cnn", hidden=[20, 40], weight_scale=0.1), NormConfig(name=norm))
+    model = build_model(ModelConfig(name="cnn", hidden=[10, 20], weight_scale=0.1), NormConfig(name=norm))
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 20), (20, 40)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 10), (10, 20)]
     norms = [m for m in model if isinstance(m, CNN_NORMS[norm])]
     assert len(norms) == 2
     if norm == "layernorm":
