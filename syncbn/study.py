@@ -70,7 +70,8 @@ class Layout:
 
     def save(self, config: Config, run_dir: Path) -> Path:
         path = run_dir / LAYOUT_FILE
-        path.write_text(json.dumps(dict(norm=config.norm.name, model=config.model.name, seed=config.seed, **asdict(self))) + "\n")
+        run = dict(norm=config.norm.name, model=config.model.name, seed=config.seed, epochs=config.train.epochs)
+        path.write_text(json.dumps(dict(run, **asdict(self))) + "\n")
         return path
 
 
@@ -114,10 +115,13 @@ def epochs_to_reach(records: list[dict], accuracy: float = TARGET_TRAIN_ACC) -> 
     return next((r["epoch"] for r in records if r["train_acc"] >= accuracy), None)
 
 
-def run_row(run_dir: Path) -> dict:
-    """One CSV row: a study run's layout and its final epoch."""
+def run_row(run_dir: Path) -> dict | None:
+    """One CSV row: a study run's layout and its final epoch; None while the run is unfinished."""
     layout = json.loads((run_dir / LAYOUT_FILE).read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    if not records or not (records[-1]["epoch"] == layout["epochs"] or records[-1]["diverged"]):
+        return None
     last = records[-1]
     return dict(
         layout, final_train_acc=last["train_acc"], final_test_acc=last["test_acc"], final_train_loss=last["train_loss"],
@@ -139,17 +143,18 @@ def _order(row: dict) -> tuple:
 
 
 def read_study(sweep_dir: Path) -> list[dict]:
-    """A row per finished run under ``sweep_dir``; runs without metrics yet are reported and skipped."""
+    """A row per finished run under ``sweep_dir``; unfinished runs are reported and skipped."""
     rows, unfinished = [], []
     for layout_path in sorted(sweep_dir.rglob(LAYOUT_FILE)):
-        if (layout_path.parent / "metrics.jsonl").exists():
-            rows.append(run_row(layout_path.parent))
-        else:
+        row = run_row(layout_path.parent)
+        if row is None:
             unfinished.append(layout_path.parent.name)
+        else:
+            rows.append(row)
     if unfinished:
-        print(f"syncbn.study: skipped {len(unfinished)} runs without metrics: {', '.join(unfinished)}", file=sys.stderr)
+        print(f"syncbn.study: skipped {len(unfinished)} unfinished runs: {', '.join(unfinished)}", file=sys.stderr)
     if not rows:
-        raise FileNotFoundError(f"no finished study run (a {LAYOUT_FILE} beside a metrics.jsonl) under {sweep_dir}")
+        raise FileNotFoundError(f"no finished study run (a {LAYOUT_FILE} and its metrics.jsonl) under {sweep_dir}")
     return sorted(rows, key=_order)
 
 

@@ -297,9 +297,9 @@ def _tiny_net(norm: type[nn.Module]) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), norm(8), nn.ReLU(), nn.Linear(8, 3)).double()
 
 
-def _ddp_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _ddp_batches(world_size: int, sample_shape: tuple[int, ...] = (5,)) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(3)
-    return [(torch.randn(4 * world_size, 5, generator=gen, dtype=torch.float64),
+    return [(torch.randn(4 * world_size, *sample_shape, generator=gen, dtype=torch.float64),
              torch.randint(0, 3, (4 * world_size,), generator=gen)) for _ in range(3)]
 
 
@@ -397,21 +397,35 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
     assert 2.5 < elapsed < 8, f"rank 0 failed after {elapsed:.1f}s, the timeout is 3s"
 
 
-def train_local_bn_on_rank() -> dict:
-    """Real DDP ranks with plain per-rank BatchNorm1d and DDP's default buffer broadcast; rank r
+def _tiny_conv_net(norm: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), norm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+
+
+GHOST_CASES = {  # what the batch-size study emulates: BatchNorm1d in the MLP, BatchNorm2d in the CNN
+    "mlp": (_tiny_net, nn.BatchNorm1d, (5,)),
+    "cnn": (_tiny_conv_net, nn.BatchNorm2d, (2, 3, 3)),
+}
+
+
+def train_local_bn_on_rank(case: str) -> dict:
+    """Real DDP ranks with plain per-rank BatchNorm and DDP's default buffer broadcast; rank r
     holds samples r, r + W, ... of each global batch, as DistributedSampler deals them."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = DistributedDataParallel(_tiny_net(nn.BatchNorm1d))
-    outputs = _train(model, _ddp_batches(world_size), lambda t: t[rank::world_size])
+    make_net, plain, sample_shape = GHOST_CASES[case]
+    model = DistributedDataParallel(make_net(plain))
+    outputs = _train(model, _ddp_batches(world_size, sample_shape), lambda t: t[rank::world_size])
     return dict(outputs=outputs, state=model.module.state_dict())
 
 
+@pytest.mark.parametrize("case", list(GHOST_CASES))
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ghost_batchnorm_in_one_process_trains_like_per_rank_batchnorm_on_real_ranks(gloo_group, world_size):
+def test_ghost_batchnorm_in_one_process_trains_like_per_rank_batchnorm_on_real_ranks(gloo_group, world_size, case):
     """Same outputs every step, same parameters and running statistics (rank 0's) after 3 steps."""
-    ghost = _tiny_net(lambda width: GhostBatchNorm(width, slices=world_size))
-    outputs = _train(ghost, _ddp_batches(world_size))
-    ranks = gloo_group(world_size).run(train_local_bn_on_rank)
+    make_net, _, sample_shape = GHOST_CASES[case]
+    ghost = make_net(lambda width: GhostBatchNorm(width, slices=world_size))
+    outputs = _train(ghost, _ddp_batches(world_size, sample_shape))
+    ranks = gloo_group(world_size).run(train_local_bn_on_rank, case)
     for step, out in enumerate(outputs):
         for rank, r in enumerate(ranks):
             torch.testing.assert_close(r["outputs"][step], out[rank::world_size], **EXACT, msg=f"step {step}, rank {rank}")

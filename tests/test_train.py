@@ -202,6 +202,9 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (["dist.nproc=0"], "dist.nproc must be >= 1, got 0"),
     (["data.train_size=5000"], "data.train_size=5000 is larger than the 4999 training images of data=mnist5k"),
     (["dist.backend=nccl"], "dist.backend=nccl needs CUDA devices"),
+    (["+experiment=batch_size_study", "study.per_device_batch=48"], "study.per_device_batch=48 must divide train.global_batch_size=64"),
+    (["+experiment=batch_size_study", "data.train_size=4000"], "needs data.train_size divisible by train.global_batch_size=64"),
+    (["+experiment=batch_size_study", "dist.nproc=2"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1"),
 ])
 def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, overrides, message):
     code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={tmp_path}")

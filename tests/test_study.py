@@ -1,0 +1,134 @@
+"""The batch-size study: how each per-device batch is executed, and its CSV and figure end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from hydra import compose, initialize_config_dir
+
+from syncbn import study
+from syncbn.config import Config, ConfigError, register, to_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield
+
+
+def study_config(*overrides: str) -> Config:
+    return to_config(compose("config", overrides=["+experiment=batch_size_study", *overrides]))
+
+
+@pytest.mark.parametrize("norm,per_device_batch,max_real_ranks,world_size,execution,nproc,ghost_slices", [
+    ("syncbn", 64, 2, 1, "real", 1, None),
+    ("bn", 32, 2, 2, "real", 2, None),
+    ("bn", 16, 2, 4, "ghost", 1, 4),
+    ("bn", 2, 2, 32, "ghost", 1, 32),
+    ("bn", 16, 4, 4, "real", 4, None),
+    ("syncbn", 16, 2, 4, "one-process", 1, None),
+    ("layernorm", 2, 2, 32, "one-process", 1, None),
+    ("groupnorm", 8, 2, 8, "one-process", 1, None),
+    ("none", 4, 2, 16, "one-process", 1, None),
+])
+def test_a_per_device_batch_becomes_real_ranks_ghost_slices_or_one_process(
+        norm, per_device_batch, max_real_ranks, world_size, execution, nproc, ghost_slices):
+    config = study_config(f"norm={norm}", f"study.per_device_batch={per_device_batch}", f"study.max_real_ranks={max_real_ranks}")
+    layout = study.plan(config)
+    assert layout == study.Layout(per_device_batch, world_size, execution)
+    arranged = layout.apply(config)
+    assert (arranged.dist.nproc, arranged.norm.ghost_slices) == (nproc, ghost_slices)
+    assert arranged.train == config.train and arranged.model == config.model
+
+
+def test_an_ordinary_run_has_no_layout():
+    assert study.plan(study_config("study.per_device_batch=null")) is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.per_device_batch=0"], "study.per_device_batch=0 must divide train.global_batch_size=64"),
+    (["study.per_device_batch=24"], "study.per_device_batch=24 must divide train.global_batch_size=64"),
+    (["study.max_real_ranks=0"], "study.max_real_ranks must be >= 1, got 0"),
+    (["dist.nproc=4"], "leave dist.nproc at 1"),
+    (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batch sets norm.ghost_slices itself"),
+    (["data.train_size=null"], "needs data.train_size divisible by train.global_batch_size=64"),
+    (["data.train_size=3900"], "divisible by train.global_batch_size=64, so that every step splits into equal per-device batches; got 3900"),
+    (["norm=bn", "study.per_device_batch=1"], "norm=bn with model=mlp normalizes over the per-device batch"),
+])
+def test_layouts_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        study.plan(study_config(*overrides))
+
+
+def test_epochs_to_reach_is_the_first_epoch_at_or_above_the_target():
+    records = [dict(epoch=e, train_acc=a) for e, a in enumerate([0.5, 0.89, 0.9, 0.95, 0.88], start=1)]
+    assert study.epochs_to_reach(records) == 3
+    assert study.epochs_to_reach(records, 0.96) is None
+
+
+def test_only_finished_runs_become_rows(tmp_path, capsys):
+    """A run is finished when its last epoch is the planned one or it diverged."""
+    layout = dict(norm="bn", model="mlp", seed=0, epochs=3, per_device_batch=4, world_size=16, execution="ghost")
+    epochs = {"done": [0.8, 0.92, 0.95], "running": [0.8], "diverged": [0.1]}
+    for name, accuracies in epochs.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / study.LAYOUT_FILE).write_text(json.dumps(layout))
+        records = [dict(epoch=e, train_acc=a, test_acc=a - 0.05, train_loss=1.0 / e, diverged=name == "diverged", seconds=1.5)
+                   for e, a in enumerate(accuracies, start=1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / study.LAYOUT_FILE).write_text(json.dumps(layout))
+    rows = study.read_study(tmp_path)  # in directory order: diverged, done
+    assert [(r["epochs"], r["diverged"], r["epochs_to_90pct_train_acc"], r["seconds"]) for r in rows] == [
+        (1, True, None, 1.5), (3, False, 2, 4.5)]
+    assert "skipped 2 unfinished runs: running, started" in capsys.readouterr().err
+
+
+def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
+    """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models."""
+    command = [sys.executable, "-m", "syncbn.train", "-m", "+experiment=batch_size_study", "study.per_device_batch=32,4",
+               "seed=0", "train.epochs=1", "data.train_size=640", "norm=syncbn,bn", f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with (tmp_path / "batch_study.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == study.COLUMNS
+        rows = list(reader)
+    layouts = {(r["model"], r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"]) for r in rows}
+    assert layouts == {
+        (model, norm, batch): layout
+        for model in ("mlp", "cnn")
+        for norm, batch, layout in [("syncbn", "32", ("2", "real")), ("syncbn", "4", ("16", "one-process")),
+                                    ("bn", "32", ("2", "real")), ("bn", "4", ("16", "ghost"))]
+    }
+    assert all(r["seed"] == "0" and r["epochs"] == "1" and r["diverged"] == "False" for r in rows)
+    assert all(0 <= float(r["final_test_acc"]) <= 1 and float(r["final_train_loss"]) > 0 for r in rows)
+    assert all(r["epochs_to_90pct_train_acc"] in ("", "1") for r in rows)
+    assert (tmp_path / "0-mlp-syncbn-b32-seed0" / study.LAYOUT_FILE).exists()
+    assert json.loads((tmp_path / "3-mlp-bn-b4-seed0" / study.LAYOUT_FILE).read_text())["execution"] == "ghost"
+
+    by_key = {(r["model"], r["norm"], r["per_device_batch"]): r for r in rows}
+    for model in ("mlp", "cnn"):
+        real, one_process = by_key[(model, "syncbn", "32")], by_key[(model, "syncbn", "4")]
+        assert abs(float(real["final_train_acc"]) - float(one_process["final_train_acc"])) <= 1 / 640, \
+            "SyncBN on 2 real ranks trains like one process on the global batch"
+
+    image = matplotlib.image.imread(tmp_path / "batch_study.png")
+    assert image.shape[1] > 1.8 * image.shape[0], "two panels side by side"
+    before = (tmp_path / "batch_study.csv").read_text()
+    (tmp_path / "batch_study.csv").unlink()
+    study.main([str(tmp_path)])
+    assert (tmp_path / "batch_study.csv").read_text() == before
