@@ -50,6 +50,8 @@ COLUMNS = [
     "final_train_loss", "diverged", "epochs", "epochs_to_90pct_train_acc", "seconds",
 ]
 NORM_ORDER = ["syncbn", "bn", "layernorm", "groupnorm", "none"]
+STUDY_LABELS = {**LABELS, "none": "no normalization"}
+MIN_ACCURACY_SPAN = 0.1
 
 
 @dataclass(frozen=True)
@@ -178,32 +180,41 @@ def _emulated_batches(rows: list[dict], model: str) -> list[int]:
     return sorted({r["per_device_batch"] for r in rows if r["model"] == model and r["execution"] != "real"})
 
 
+def _dodge(batch: int, index: int, count: int) -> float:
+    """``batch`` shifted a little along the log2 axis, so that the norms' error bars stand apart."""
+    return batch * 2 ** (0.06 * (index - (count - 1) / 2))
+
+
 def plot_batch_study(rows: list[dict], path: Path) -> Path:
-    """Final test accuracy (mean over seeds, band from the lowest to the highest seed) against the
+    """Final test accuracy (mean over seeds, bar from the lowest to the highest seed) against the
     per-device batch on a log2 axis: one line per norm, one panel per model."""
     table = accuracies_by_batch(rows)
     models = sorted(table, key=_model_key)
     global_batch = max(r["per_device_batch"] * r["world_size"] for r in rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        by_norm = table[model]
-        for norm in sorted(by_norm, key=_norm_key):
-            batches = sorted(by_norm[norm])
-            accuracies = [by_norm[norm][b] for b in batches]
-            (line,) = ax.plot(batches, [statistics.mean(a) for a in accuracies], LINE_STYLES.get(norm, "-"), marker="o",
-                              markersize=4, label=LABELS.get(norm, norm))
-            ax.fill_between(batches, [min(a) for a in accuracies], [max(a) for a in accuracies], color=line.get_color(), alpha=0.18)
-        batches = sorted({b for per_norm in by_norm.values() for b in per_norm})
+        norms = sorted(table[model], key=_norm_key)
+        for index, norm in enumerate(norms):
+            batches = sorted(table[model][norm])
+            accuracies = [table[model][norm][b] for b in batches]
+            means = [statistics.mean(a) for a in accuracies]
+            ax.errorbar([_dodge(b, index, len(norms)) for b in batches], means,
+                        yerr=[[m - min(a) for m, a in zip(means, accuracies)], [max(a) - m for m, a in zip(means, accuracies)]],
+                        fmt=LINE_STYLES.get(norm, "-"), marker="o", markersize=4, capsize=2, label=STUDY_LABELS.get(norm, norm))
+        batches = sorted({b for per_norm in table[model].values() for b in per_norm})
         emulated = _emulated_batches(rows, model)
         if emulated:
             ax.axvspan(batches[0] / 1.3, max(emulated) * 1.41, color="0.5", alpha=0.08, lw=0)
             ax.text(batches[0] / 1.25, 0.02, "one process emulates the W ranks", transform=ax.get_xaxis_transform(),
                     fontsize=7, color="0.35")
+        low, high = ax.get_ylim()
+        if high - low < MIN_ACCURACY_SPAN:  # a few samples' difference should not fill the panel
+            ax.set_ylim(min(high - MIN_ACCURACY_SPAN, low), max(high, min(1.0, low + MIN_ACCURACY_SPAN)))
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [f"{b}\nW={global_batch // b}" for b in batches])
         ax.minorticks_off()
         ax.set_xlim(batches[0] / 1.3, batches[-1] * 1.3)
-        ax.set_title(f"{model.upper()}", fontsize=10)
+        ax.set_title(model.upper(), fontsize=10)
         ax.set_xlabel(f"per-device batch (world size W at global batch {global_batch})")
         ax.set_ylabel("final test accuracy")
         ax.grid(alpha=0.3)
@@ -228,7 +239,7 @@ def accuracy_table(rows: list[dict]) -> str:
             for b in batches:
                 accuracies = table[model][norm].get(b)
                 cells.append(f"{statistics.mean(accuracies):.3f} ({min(accuracies):.3f}-{max(accuracies):.3f})" if accuracies else "")
-            lines.append(f"| {model} | {LABELS.get(norm, norm)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {STUDY_LABELS.get(norm, norm)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
