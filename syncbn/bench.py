@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one run: SyncBatchNorm against local BatchNorm and the bare collectives.
 
-    python -m syncbn.bench                 # full: world sizes 1, 2, 4 (about 12 minutes on 2 cores)
+    python -m syncbn.bench                 # full: world sizes 1, 2, 4 (8 minutes on 2 cores, README)
     python -m syncbn.bench --quick         # everyday check, about a minute
     python -m syncbn.bench --help          # every knob
 

@@ -104,27 +104,26 @@ def final_accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize(sweep_dir: Path) -> tuple[Path, Path]:
-    """Write ``summary.csv`` and ``weight_scale_sweep.png`` into ``sweep_dir``."""
+def summarize(sweep_dir: Path) -> list[dict]:
+    """Write ``summary.csv`` and ``weight_scale_sweep.png`` into ``sweep_dir``; returns the rows."""
     rows = read_metrics(sweep_dir)
-    return write_summary(rows, sweep_dir / "summary.csv"), plot_weight_scale_sweep(rows, sweep_dir / "weight_scale_sweep.png")
+    for path in (write_summary(rows, sweep_dir / "summary.csv"), plot_weight_scale_sweep(rows, sweep_dir / "weight_scale_sweep.png")):
+        print(f"wrote {path}")
+    return rows
 
 
 class SweepSummary(Callback):
     """Hydra callback: summarize the sweep directory when the multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        for path in summarize(Path(config.hydra.sweep.dir)):
-            print(f"wrote {path}")
+        summarize(Path(config.hydra.sweep.dir))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (multirun/...) holding runs' metrics.jsonl")
     args = parser.parse_args(argv)
-    for path in summarize(args.sweep_dir):
-        print(f"wrote {path}")
-    print(final_accuracy_table(read_metrics(args.sweep_dir)))
+    print(final_accuracy_table(summarize(args.sweep_dir)))
 
 
 if __name__ == "__main__":

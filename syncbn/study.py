@@ -88,7 +88,8 @@ def _problems(config: Config) -> Iterator[str]:
     if config.norm.ghost_slices is not None:
         yield "study.per_device_batch sets norm.ghost_slices itself: leave it null"
     if config.data.train_size is None or config.data.train_size % batch:
-        # A ragged last batch would leave some devices fewer samples than others, or none.
+        # With a ragged end, DistributedSampler pads the W ranks' shares with repeated samples that one
+        # process does not see, and GhostBatchNorm cannot cut the short last batch into W slices.
         yield (f"the batch-size study needs data.train_size divisible by train.global_batch_size={batch}, "
                f"so that every step splits into equal per-device batches; got {config.data.train_size}")
     if config.norm.name == "bn" and config.model.name == "mlp" and study.per_device_batch == 1:
@@ -243,27 +244,26 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summarize(sweep_dir: Path) -> tuple[Path, Path]:
-    """Write ``batch_study.csv`` and ``batch_study.png`` into ``sweep_dir``."""
+def summarize(sweep_dir: Path) -> list[dict]:
+    """Write ``batch_study.csv`` and ``batch_study.png`` into ``sweep_dir``; returns the rows."""
     rows = read_study(sweep_dir)
-    return write_csv(rows, sweep_dir / "batch_study.csv"), plot_batch_study(rows, sweep_dir / "batch_study.png")
+    for path in (write_csv(rows, sweep_dir / "batch_study.csv"), plot_batch_study(rows, sweep_dir / "batch_study.png")):
+        print(f"wrote {path}")
+    return rows
 
 
 class BatchStudySummary(Callback):
     """Hydra callback: summarize the study when the multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        for path in summarize(Path(config.hydra.sweep.dir)):
-            print(f"wrote {path}")
+        summarize(Path(config.hydra.sweep.dir))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw a batch-size study's batch_study.csv and batch_study.png.")
     parser.add_argument("sweep_dir", type=Path, help="the study's sweep directory (multirun/batch_size_study/...)")
     args = parser.parse_args(argv)
-    for path in summarize(args.sweep_dir):
-        print(f"wrote {path}")
-    print(accuracy_table(read_study(args.sweep_dir)))
+    print(accuracy_table(summarize(args.sweep_dir)))
 
 
 if __name__ == "__main__":

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.image
 import pytest
-from hydra import compose, initialize_config_dir
+from app import compose_config, run
 
 from syncbn import study
-from syncbn.config import Config, ConfigError, register, to_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hydra_conf():
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
+from syncbn.config import Config, ConfigError
 
 
 def study_config(*overrides: str) -> Config:
-    return to_config(compose("config", overrides=["+experiment=batch_size_study", *overrides]))
+    return compose_config("+experiment=batch_size_study", *overrides)
 
 
 @pytest.mark.parametrize("norm,per_device_batch,max_real_ranks,world_size,execution,nproc,ghost_slices", [
@@ -99,9 +87,7 @@ def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
     """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models."""
     command = [sys.executable, "-m", "syncbn.train", "-m", "+experiment=batch_size_study", "study.per_device_batch=32,4",
                "seed=0", "train.epochs=1", "data.train_size=640", "norm=syncbn,bn", f"hydra.sweep.dir={tmp_path}"]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run(command, timeout=240)
 
     with (tmp_path / "batch_study.csv").open() as f:
         reader = csv.DictReader(f)

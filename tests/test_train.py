@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,29 +12,15 @@ import matplotlib.image
 import pytest
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
+from app import ROOT, compose_config, run
 
 from syncbn import trainer
-from syncbn.config import Config, register, to_config
+from syncbn.config import Config
 from syncbn.distributed import DistContext
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
 
-ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
-
-
-def compose_config(*overrides: str) -> Config:
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(compose("config", overrides=list(overrides)))
-
-
-def run(args: list[str], timeout: float = 180, **env) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

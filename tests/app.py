@@ -1,0 +1,29 @@
+"""Shared by the tests that compose the app's config or run it as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from syncbn.config import Config, register, to_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(*overrides: str) -> Config:
+    """``conf/config.yaml`` with ``overrides``, as typed dataclasses."""
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+def run(args: list[str], timeout: float = 180, **env) -> subprocess.CompletedProcess:
+    """``args`` in the repository root, with this interpreter's scripts first on PATH; must succeed."""
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
