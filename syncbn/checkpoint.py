@@ -79,10 +79,11 @@ def load(run_dir: Path) -> dict | None:
 
 
 def signature(model: torch.nn.Module, norm: str, world_size: int) -> dict:
-    """What a checkpoint must match to be continued: world size, norm, every tensor's shape."""
+    """What a checkpoint must match to be continued: world size, norm, dtype, every tensor's shape."""
     return dict(
         world_size=world_size,
         norm=norm,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
     )
 
@@ -97,6 +98,11 @@ def check_compatible(state: dict, expected: dict, run_dir: Path) -> None:
         )
     if found["norm"] != expected["norm"]:
         raise CheckpointError(f"{where} was written with norm={found['norm']}, this run has norm={expected['norm']}; {advice}")
+    if found.get("dtype", "float32") != expected["dtype"]:
+        raise CheckpointError(
+            f"{where} was written with train.dtype={found.get('dtype', 'float32')}, this run has "
+            f"train.dtype={expected['dtype']}; {advice}"
+        )
     theirs, ours = found["shapes"], expected["shapes"]
     if theirs != ours:
         name = next(n for n in sorted(set(theirs) | set(ours)) if theirs.get(n) != ours.get(n))

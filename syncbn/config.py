@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 NORMS = ("syncbn", "bn", "none", "layernorm", "groupnorm")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "mnist")
+DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     resume: bool = True
     checkpoint_every_steps: int | None = None
+    dtype: str = "float32"  # float64: N ranks train like one process to rounding (tests, checks)
 
 
 @dataclass
@@ -115,7 +117,7 @@ class ConfigError(ValueError):
 def _problems(config: Config, world_size: int) -> Iterator[str]:
     """Every value the types allow but a run cannot use, as a message naming the key."""
     for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
-                                ("data", config.data.name, DATASETS)):
+                                ("data", config.data.name, DATASETS), ("train.dtype", config.train.dtype, DTYPES)):
         if value not in choices:
             yield f"{key} must be one of {', '.join(choices)}, got {value!r}"
     if config.norm.ghost_slices is not None:

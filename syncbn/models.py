@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm
@@ -65,9 +66,12 @@ def make_cnn(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
     return _init_weights(layers, model.weight_scale)
 
 
-def build_model(model: ModelConfig, norm: NormConfig) -> nn.Module:
+def build_model(model: ModelConfig, norm: NormConfig, dtype: str = "float32") -> nn.Module:
+    """The network, its weights drawn in float32 (the same draws for every dtype), then cast to ``dtype``."""
     if model.name == "mlp":
-        return make_mlp(model, norm)
-    if model.name == "cnn":
-        return make_cnn(model, norm)
-    raise ValueError(f"unknown model {model.name!r}; expected mlp or cnn")
+        network = make_mlp(model, norm)
+    elif model.name == "cnn":
+        network = make_cnn(model, norm)
+    else:
+        raise ValueError(f"unknown model {model.name!r}; expected mlp or cnn")
+    return network.to(getattr(torch, dtype))

@@ -61,13 +61,14 @@ def wrap_ddp(model: nn.Module, norm: str, device: torch.device) -> DistributedDa
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, batch_size: int) -> torch.Tensor:
+def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, batch_size: int,
+                  dtype: torch.dtype) -> torch.Tensor:
     """``[correct, seen]`` on this rank's shard (every W-th sample) of ``dataset``, in eval mode."""
     model.eval()
     images, labels = (t[ctx.rank :: ctx.world_size] for t in dataset.tensors)
     correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for start in range(0, len(labels), batch_size):
-        batch = images[start : start + batch_size].to(ctx.device)
+        batch = images[start : start + batch_size].to(ctx.device, dtype)
         predicted = model(batch).argmax(dim=1)
         correct += (predicted == labels[start : start + batch_size].to(ctx.device)).sum()
     return torch.stack([correct, correct.new_tensor(len(labels))])
@@ -110,9 +111,10 @@ class Training:
 
     def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
         self.config, self.ctx, self.run_dir = config, ctx, run_dir
+        self.dtype = getattr(torch, config.train.dtype)
         torch.manual_seed(config.seed)
         self.train_set, self.test_set = data.load(config.data)
-        self.model = wrap_ddp(build_model(config.model, config.norm), config.norm.name, ctx.device)
+        self.model = wrap_ddp(build_model(config.model, config.norm, config.train.dtype), config.norm.name, ctx.device)
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
@@ -170,7 +172,7 @@ class Training:
         self.sampler.set_epoch(progress.epoch)
         totals = self._epoch_totals()
         for images, labels in itertools.islice(self.loader, progress.step, None):
-            images, labels = images.to(self.ctx.device, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
+            images, labels = images.to(self.ctx.device, self.dtype, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
             loss = F.cross_entropy(self.model(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -192,8 +194,8 @@ class Training:
         batch = self.config.train.eval_batch_size
         local = torch.cat([
             totals,
-            count_correct(self.model, self.train_set, self.ctx, batch),
-            count_correct(self.model, self.test_set, self.ctx, batch),
+            count_correct(self.model, self.train_set, self.ctx, batch, self.dtype),
+            count_correct(self.model, self.test_set, self.ctx, batch, self.dtype),
         ])
         loss_sum, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).tolist()
         loss = loss_sum / samples

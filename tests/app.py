@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,12 @@ def run(args: list[str], timeout: float = 180, **env) -> subprocess.CompletedPro
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip(records: list[dict]) -> list[dict]:
+    """The metrics without wall time."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]

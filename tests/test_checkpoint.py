@@ -59,6 +59,7 @@ def test_rng_states_round_trip():
     (dict(world_size=4), "written at world size 2, this run has 4"),
     (dict(norm="bn"), "written with norm=syncbn, this run has norm=bn"),
     (dict(model=nn.Linear(3, 5)), r"another shape \(bias: \(4,\) there, \(5,\) here\)"),
+    (dict(model=nn.Linear(3, 4).double()), "written with train.dtype=float32, this run has train.dtype=float64"),
 ])
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, change, message):
     ours = dict(model=nn.Linear(3, 4), norm="syncbn", world_size=2)

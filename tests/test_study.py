@@ -84,9 +84,10 @@ def test_only_finished_runs_become_rows(tmp_path, capsys):
 
 
 def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
-    """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models."""
+    """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models, in
+    float64 so that real ranks and one process can be held to the same numbers."""
     command = [sys.executable, "-m", "syncbn.train", "-m", "+experiment=batch_size_study", "study.per_device_batch=32,4",
-               "seed=0", "train.epochs=1", "data.train_size=640", "norm=syncbn,bn", f"hydra.sweep.dir={tmp_path}"]
+               "seed=0", "train.epochs=1", "train.dtype=float64", "data.train_size=640", "norm=syncbn,bn", f"hydra.sweep.dir={tmp_path}"]
     run(command, timeout=240)
 
     with (tmp_path / "batch_study.csv").open() as f:
@@ -109,8 +110,10 @@ def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
     by_key = {(r["model"], r["norm"], r["per_device_batch"]): r for r in rows}
     for model in ("mlp", "cnn"):
         real, one_process = by_key[(model, "syncbn", "32")], by_key[(model, "syncbn", "4")]
-        assert abs(float(real["final_train_acc"]) - float(one_process["final_train_acc"])) <= 1 / 640, \
-            "SyncBN on 2 real ranks trains like one process on the global batch"
+        # SyncBN on 2 real ranks trains like one process on the global batch: in float64 the two
+        # differ by summation order only (~1e-16), so predictions agree and losses to 1e-9.
+        assert (real["final_train_acc"], real["final_test_acc"]) == (one_process["final_train_acc"], one_process["final_test_acc"])
+        assert float(real["final_train_loss"]) == pytest.approx(float(one_process["final_train_loss"]), rel=1e-9)
 
     image = matplotlib.image.imread(tmp_path / "batch_study.png")
     assert image.shape[1] > 1.8 * image.shape[0], "two panels side by side"
