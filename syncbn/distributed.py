@@ -10,15 +10,19 @@ A run is one of:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import re
+import sys
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -96,8 +100,31 @@ def process_group(config: DistConfig) -> Iterator[DistContext]:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
         yield DistContext(rank, local_rank, world_size, device)
+        dist.barrier()  # finished ranks leave together: none tears down while a peer still works
     finally:
         dist.destroy_process_group()
+
+
+def skip_teardown_at_exit() -> None:
+    """Let a process whose work is done and written leave without the interpreter's teardown.
+
+    DDP keeps a reference to the Gloo process group that ``destroy_process_group`` cannot drop
+    (measured on torch 2.14: after DDP, its worker threads ``pt_gloo_runloop`` x2 and
+    ``gloo_tcp_loop`` still run at exit). Tearing the interpreter and C++ statics down around
+    running threads now and then aborts a finished rank (``terminate called without an active
+    exception``, SIGABRT), and torchrun then reports the whole run as failed. So the order is:
+    collectives done, group destroyed, then, once the process starts to exit (a launcher's rank
+    first hands its return value back), logs and streams flushed and ``os._exit(0)``. Call it only
+    on success: the exit status it gives is 0.
+    """
+    atexit.register(_exit_now)
+
+
+def _exit_now() -> NoReturn:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -117,6 +144,7 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    quiet_launcher()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -131,10 +159,24 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
     return elastic_launch(config, entrypoint)(*args)
 
 
+def quiet_launcher() -> None:
+    """The launcher's own warnings (each signal it forwards, each rank it stops) only repeat what
+    the app reports in one line; its errors still show. Ranks it stops mid-step leave semaphores
+    for multiprocessing's resource tracker to free, which it does, with a warning that says so."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    leaked = "ignore:resource_tracker:UserWarning"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), leaked]))
+
+
 def share_cpu_threads() -> None:
-    """Split the machine's cores between the local ranks, as torchrun's OMP_NUM_THREADS=1 intends."""
+    """``OMP_NUM_THREADS`` threads if set (torchrun sets 1 for several local ranks), else the
+    machine's cores split between the local ranks. One rank per node on a shared machine (nodes
+    simulated on localhost) needs the variable: each rank would take every core."""
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // local_world_size
+    torch.set_num_threads(max(1, int(threads)))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -149,6 +191,28 @@ def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+# Kineto's own notices ("USDT: ... profiler_start", "STAGE: ...", a CUDA probe's "ERROR: ...") are
+# written by its C++ logger straight to file descriptor 2, whatever its log level says.
+_KINETO_NOTICE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_kineto_notices() -> Iterator[None]:
+    """Hold back what is written to fd 2 inside the block, then pass on all but Kineto's notices."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _KINETO_NOTICE.match(line)))
+
+
 @contextlib.contextmanager
 def count_collectives() -> Iterator[Counter]:
     """Count the collectives this process issues inside the block, by name (``c10d::allreduce_``...).
@@ -158,6 +222,12 @@ def count_collectives() -> Iterator[Counter]:
     when the block exits.
     """
     counts: Counter = Counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU])
+    with _without_kineto_notices():
+        prof.start()
+    try:
         yield counts
+    finally:
+        with _without_kineto_notices():
+            prof.stop()
     counts.update(event.name for event in prof.events() if event.name.startswith("c10d::"))

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from syncbn import checkpoint, data, distributed, study, trainer
@@ -49,6 +51,7 @@ def run_rank(config: Config, run_dir: Path) -> list[dict]:
 
 def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     """A rank started by ``launch_local``: a fresh process, so set up its logging first."""
+    ranks_die_on_interrupt()
     if int(os.environ["RANK"]) == 0:
         logging.basicConfig(
             level=logging.INFO,
@@ -56,7 +59,9 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
             handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")],
         )
     distributed.share_cpu_threads()
-    return run_rank(config, run_dir)
+    history = run_rank(config, run_dir)
+    distributed.skip_teardown_at_exit()
+    return history
 
 
 def preflight(config: Config, world_size: int, run_dir: Path) -> None:
@@ -67,7 +72,7 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> None:
     data.load(config.data)
     state = checkpoint.load(run_dir) if config.train.resume else None
     if state is not None:
-        model = build_model(config.model, config.norm)
+        model = build_model(config.model, config.norm, config.train.dtype)
         checkpoint.check_compatible(state, checkpoint.signature(model, config.norm.name, world_size), run_dir)
 
 
@@ -86,11 +91,63 @@ def main(cfg: DictConfig) -> None:
         preflight(config, world_size, run_dir)
         if layout is not None:
             layout.save(config, run_dir)
-        if config.dist.nproc > 1 and not distributed.launched():
-            log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
-            distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
-        else:
-            run_rank(config, run_dir)
+        with interrupts_in_one_line(run_dir):
+            if config.dist.nproc > 1 and not distributed.launched():
+                log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
+                distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
+            else:
+                run_rank(config, run_dir)
+
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+
+
+def ranks_die_on_interrupt() -> None:
+    """A rank that an agent started (torchrun, the CPU simulation) ends at once on Ctrl-C, silently:
+    the agent gets the same signal, stops every rank and reports it once. The checkpoint on disk is
+    always complete (written aside, then renamed), so nothing is lost but the steps since it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _raise_on_sigterm(signum: int, frame) -> None:
+    raise SignalException(f"Process {os.getpid()} got signal: {signal.Signals(signum)}", sigval=signal.Signals(signum))
+
+
+def interrupting_signal(error: BaseException) -> signal.Signals | None:
+    """SIGINT or SIGTERM if ``error`` is how one reached this process (or killed its ranks first)."""
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(error, SignalException):
+        return error.sigval
+    if isinstance(error, ChildFailedError):
+        _, failure = error.get_first_failure()
+        if -failure.exitcode in EXIT_STATUS:
+            return signal.Signals(-failure.exitcode)
+    return None
+
+
+def where_to_resume(run_dir: Path | None) -> str:
+    if run_dir is None:
+        return "before training started"
+    state = checkpoint.load(run_dir)
+    if state is None:
+        return f"before the first checkpoint; {run_dir} has nothing to resume"
+    progress = state["progress"]
+    return (f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); "
+            f"run the same command to resume from {run_dir}")
+
+
+@contextlib.contextmanager
+def interrupts_in_one_line(run_dir: Path | None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143."""
+    try:
+        yield
+    except (KeyboardInterrupt, SignalException, ChildFailedError) as error:
+        received = interrupting_signal(error)
+        if received is None or os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        print(f"syncbn.train: interrupted by {received.name} {where_to_resume(run_dir)}", file=sys.stderr)
+        sys.exit(EXIT_STATUS[received])
 
 
 def describe(error: BaseException) -> str:
@@ -129,13 +186,18 @@ def cli() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["SYNCBN_DEBUG"] = "1"
+    if distributed.launched():
+        ranks_die_on_interrupt()
+    else:
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
-    with one_line_errors():
+    with interrupts_in_one_line(None), one_line_errors():
         main()
 
 
 if __name__ == "__main__":
     cli()
+    distributed.skip_teardown_at_exit()

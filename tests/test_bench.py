@@ -8,7 +8,7 @@ TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms",
         "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2"]
 
 
-def test_quick_mode_writes_every_figure(tmp_path, capsys):
+def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     out = tmp_path / "bench.json"
     main([*TINY, "--out", str(out)])
     report = json.loads(out.read_text())
@@ -28,5 +28,6 @@ def test_quick_mode_writes_every_figure(tmp_path, capsys):
     assert len(step["seconds"]) == 2
     assert [r["world_size"] for r in by_case["sweep"]] == [2]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 for r in by_case["sweep"])
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | ms per step" in printed and "sweep command s" in printed
+    assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
