@@ -7,7 +7,7 @@ torch's BatchNorm, so checkpoints move freely between the two.
 Use with DDP::
 
     model = convert_sync_batchnorm(model)
-    model = DistributedDataParallel(model, broadcast_buffers=False)
+    model = DistributedDataParallel(model, forward_sync_buffers=False)  # torch < 2.14: broadcast_buffers
 
 ``broadcast_buffers=False``: every rank already computes the same running statistics from the same
 global batch, so DDP's default re-broadcast from rank 0 is one extra collective per step for nothing.
@@ -175,13 +175,14 @@ def _replace_layers(module: nn.Module, replace) -> nn.Module:
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours.
+    ``GhostBatchNorm``, which emulates unsynchronized ranks on purpose, is left as it is.
 
     The new layers hold the same parameter and buffer objects and the same train/eval mode.
     Containers are changed in place; the (possibly new) root is returned.
     """
 
     def to_sync(layer: nn.Module) -> SyncBatchNorm | None:
-        if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncBatchNorm):
+        if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):
             return None
         converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group))
         if not isinstance(layer, nn.SyncBatchNorm):

@@ -53,6 +53,7 @@ class Case:
     affine: bool = True
     track: bool = True
     dtype: torch.dtype = torch.float64
+    eps: float = 1e-5
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -67,7 +68,7 @@ class Case:
         return torch.randn((3 * len(self.sizes), *self.sample_shape), generator=gen, dtype=torch.float64)
 
     def make(self, cls, **kwargs) -> nn.Module:
-        layer = cls(self.sample_shape[0], momentum=self.momentum, affine=self.affine,
+        layer = cls(self.sample_shape[0], eps=self.eps, momentum=self.momentum, affine=self.affine,
                     track_running_stats=self.track, dtype=torch.float64, **kwargs)
         if self.affine:
             gen = torch.Generator().manual_seed(1)
@@ -169,6 +170,13 @@ def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, sp
         assert_matches_reference(case, ranks, reference(case))
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_eps_other_than_the_default_is_the_one_used(gloo_group, world_size):
+    """eps=0.5 (every other case uses torch's 1e-5), in training and eval, alone and synchronized."""
+    case = Case(SHAPES["NCHW"][0], torch.contiguous_format, SPLITS["unequal"][:world_size], eps=0.5)
+    assert_matches_reference(case, gloo_group(world_size).run(run_layer_on_rank, case), reference(case))
+
+
 def count_layer_collectives(sizes: tuple) -> dict:
     """Collectives issued by two stacked layers in one forward, one backward and one eval forward."""
     model = nn.Sequential(SyncBatchNorm(3), nn.ReLU(), SyncBatchNorm(3))
@@ -224,6 +232,45 @@ def test_statistics_stay_exact_for_channels_far_from_zero(gloo_group):
     for r in ranks:
         torch.testing.assert_close(r["running_mean"].double(), 0.9 * 0 + 0.1 * x64.mean(0), rtol=1e-6, atol=0)
         torch.testing.assert_close(r["running_var"].double(), 0.9 + 0.1 * x64.var(0), rtol=1e-3, atol=0)
+
+
+def normalize_chunk(x_global: torch.Tensor) -> dict:
+    """This rank's chunk of ``x_global`` through a SyncBatchNorm of the input's dtype family."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    layer = SyncBatchNorm(x_global.size(1), dtype=torch.float64 if x_global.dtype == torch.float64 else None)
+    y = layer(x_global.chunk(world_size)[rank])
+    return dict(y=y.detach(), running_var=layer.running_var.clone())
+
+
+def float64_batch_norm(x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm in float64, two-pass statistics; the output and the biased variance."""
+    dims = [0, *range(2, x64.dim())]
+    mean = x64.mean(dims, keepdim=True)
+    var = ((x64 - mean) ** 2).mean(dims, keepdim=True)
+    return (x64 - mean) / torch.sqrt(var + 1e-5), var.flatten()
+
+
+def test_float64_statistics_stay_exact_where_float64_cancels_too(gloo_group):
+    """Mean 1e9, std 1: E[x^2] - E[x]^2 is off by hundreds even in float64; Chan's merge of the
+    ranks' moments keeps the variance to 5e-9 relative here (asserted: 1e-6)."""
+    x = 1e9 + torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected, true_var = float64_batch_norm(x)
+    naive_var = (x * x).mean(0) - x.mean(0) ** 2
+    assert (naive_var - true_var).abs().max() > 1, "the case must defeat the textbook formula in float64"
+    ranks = gloo_group(2).run(normalize_chunk, x)
+    for r in ranks:
+        torch.testing.assert_close(r["running_var"], 0.9 + 0.1 * x.var(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), expected, rtol=0, atol=1e-6)
+
+
+def test_half_input_far_from_zero_is_normalized_with_float32_statistics(gloo_group):
+    """float16 input of mean 50: statistics in float32 keep the output within 2 float16 steps of the
+    float64 result (measured 9e-4); statistics in float16 would miss by 1.3e-2."""
+    x = (torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 50).half()
+    expected, _ = float64_batch_norm(x.double())
+    y = torch.cat([r["y"] for r in gloo_group(2).run(normalize_chunk, x)])
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=4e-3)
 
 
 def low_precision_on_rank(x_global: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -365,6 +412,16 @@ def test_convert_and_revert_keep_parameters_buffers_and_outputs():
     layers[0].eval()
     x = torch.randn(4, 3)
     assert torch.equal(reverted[0](x), layers[0](x))
+
+
+def test_convert_hands_the_process_group_to_every_layer_and_leaves_ghost_batchnorm_alone():
+    group = object()  # stands for a ProcessGroup: convert only passes it on
+    ghost = GhostBatchNorm(3, slices=2)
+    model = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.Sequential(nn.BatchNorm2d(3)), ghost), group)
+    assert [model[0].process_group, model[1][0].process_group] == [group, group]
+    assert model[2] is ghost, "GhostBatchNorm emulates per-rank BN on purpose"
+    reverted = revert_sync_batchnorm(model)
+    assert [type(m) for m in (reverted[0], reverted[1][0], reverted[2])] == [nn.BatchNorm1d, nn.BatchNorm2d, GhostBatchNorm]
 
 
 def test_revert_needs_a_known_shape():
