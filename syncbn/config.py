@@ -51,6 +51,7 @@ class ModelConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [100] * 5)
     weight_scale: float = 0.1
+    dropout: float = 0.0  # after every hidden block; > 0 makes training draw random numbers
 
 
 @dataclass
@@ -132,6 +133,8 @@ def _problems(config: Config, world_size: int) -> Iterator[str]:
         yield f"train.epochs must be >= 1, got {config.train.epochs}"
     if config.model.weight_scale <= 0:
         yield f"model.weight_scale must be > 0, got {config.model.weight_scale}"
+    if not 0 <= config.model.dropout < 1:
+        yield f"model.dropout must be in [0, 1), got {config.model.dropout}"
     if not config.model.hidden:
         yield "model.hidden must list at least one hidden layer width, got []"
     if any(width < 1 for width in config.model.hidden):

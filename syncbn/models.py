@@ -32,6 +32,10 @@ def make_norm(norm: NormConfig, width: int, images: bool = False) -> nn.Module:
     raise ValueError(f"unknown norm {norm.name!r}")
 
 
+def _dropout(model: ModelConfig) -> list[nn.Module]:
+    return [nn.Dropout(model.dropout)] if model.dropout else []
+
+
 def _init_weights(layers: list[nn.Module], weight_scale: float) -> nn.Sequential:
     """Every Linear and conv: weights ~ N(0, weight_scale), zero bias."""
     for layer in layers:
@@ -46,7 +50,7 @@ def make_mlp(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     width = IMAGE_FEATURES
     for hidden in model.hidden:
-        layers += [nn.Linear(width, hidden), make_norm(norm, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), make_norm(norm, hidden), nn.ReLU(), *_dropout(model)]
         width = hidden
     layers.append(nn.Linear(width, CLASSES))
     return _init_weights(layers, model.weight_scale)
@@ -60,7 +64,8 @@ def make_cnn(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels, side = 1, 28
     for width in model.hidden:
-        layers += [nn.Conv2d(channels, width, 3, padding=1), make_norm(norm, width, images=True), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(channels, width, 3, padding=1), make_norm(norm, width, images=True), nn.ReLU(), nn.MaxPool2d(2),
+                   *_dropout(model)]
         channels, side = width, side // 2
     layers += [nn.Flatten(), nn.Linear(channels * side * side, CLASSES)]
     return _init_weights(layers, model.weight_scale)

@@ -119,7 +119,10 @@ class Training:
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
         )
-        self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size, sampler=self.sampler)
+        # A generator of its own: each new iterator draws a seed from it, and from the global one
+        # without it, which would shift dropout's stream after a mid-epoch resume.
+        self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size,
+                                 sampler=self.sampler, generator=torch.Generator().manual_seed(config.seed))
         self.signature = checkpoint.signature(self.model.module, config.norm.name, ctx.world_size)
         self.kill_at_step = fault_step(config.fault, ctx.rank)
         self.progress = Progress()

@@ -204,6 +204,7 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (["dist.nproc=4", "train.global_batch_size=2"], "train.global_batch_size=2 is smaller than the world size 4"),
     (["dist.nproc=0"], "dist.nproc must be >= 1, got 0"),
     (["train.dtype=float16"], "train.dtype must be one of float32, float64, got 'float16'"),
+    (["model.dropout=1"], "model.dropout must be in [0, 1), got 1.0"),
     (["data.train_size=5000"], "data.train_size=5000 is larger than the 4999 training images of data=mnist5k"),
     (["dist.backend=nccl"], "dist.backend=nccl needs CUDA devices"),
     (["+experiment=batch_size_study", "study.per_device_batch=48"], "study.per_device_batch=48 must divide train.global_batch_size=64"),

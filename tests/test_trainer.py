@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from app import compose_config, read_metrics, strip
@@ -80,3 +81,71 @@ def test_rerun_in_the_same_directory_resumes_and_resume_false_starts_over(gloo_g
     restarted = gloo_group(1).run(fit_on_rank, compose_config("train.epochs=1", "train.resume=false"), tmp_path)[0]
     assert strip(restarted) == strip(fresh[:1])
     assert len(read_metrics(tmp_path)) == 1
+
+
+class Stop(Exception):
+    """Raised from inside training: the run stops there, as a killed process would."""
+
+
+def train_until(config: Config, run_dir: Path, steps: int | None) -> tuple[list[dict], dict]:
+    """Train on this rank, stopping after ``steps`` optimizer steps (None: to the end); the metrics
+    and final weights of a run that ends."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    training = trainer.Training(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dir)
+    step, taken = training.optimizer.step, []
+
+    def step_then_maybe_stop(*args, **kwargs):
+        step(*args, **kwargs)
+        taken.append(1)
+        if len(taken) == steps:
+            raise Stop
+
+    training.optimizer.step = step_then_maybe_stop
+    try:
+        return training.fit(), training.model.module.state_dict()
+    except Stop:
+        return [], {}
+
+
+@pytest.mark.parametrize("optimizer", [["optim.momentum=0.9"], ["optim=adam", "optim.lr=0.001"]], ids=["sgd-momentum", "adam"])
+def test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_state(gloo_group, tmp_path, optimizer):
+    """Stopped after step 14 of 20 (epoch 2, step 4; the checkpoint is at step 12), resumed in a new
+    Training: the metrics and weights of the run never stopped. Dropout draws from the global RNG,
+    SGD momentum and Adam keep state: every one must be restored exactly."""
+    overrides = ("train.epochs=2", "train.checkpoint_every_steps=3", "model.dropout=0.2", "model.hidden=[50,50]", *optimizer)
+    config = compose_config(*overrides)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "stopped").mkdir()
+    reference = gloo_group(1).run(train_until, config, tmp_path / "reference", None)[0]
+    assert gloo_group(1).run(train_until, config, tmp_path / "stopped", 14)[0] == ([], {})
+    resumed = gloo_group(1).run(train_until, config, tmp_path / "stopped", None)[0]
+    assert strip(resumed[0]) == strip(reference[0])
+    assert weight_gap(resumed[1], reference[1]) == 0
+
+
+def first_batches(config: Config) -> list[torch.Tensor]:
+    """The labels of the first batch of every epoch that ``fit`` trains on."""
+    training = trainer.Training(config, DistContext(0, 0, 1, torch.device("cpu")), None)
+    loader, seen = training.loader, []
+
+    class Recording:
+        def __iter__(self):
+            batches = iter(loader)
+            first = next(batches)
+            seen.append(first[1].clone())
+            yield first
+            yield from batches
+
+    training.loader = Recording()
+    training.fit()
+    return seen
+
+
+def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
+    """DistributedSampler's permutation for seed + epoch: a new one each epoch, the same in every run."""
+    config = compose_config("train.epochs=2", "data.train_size=200", "model.hidden=[20]", "seed=3")
+    seen = gloo_group(1).run(first_batches, config)[0]
+    labels = trainer.data.load(config.data)[0].tensors[1]
+    expected = [labels[torch.randperm(200, generator=torch.Generator().manual_seed(3 + epoch))[:100]] for epoch in (1, 2)]
+    assert not torch.equal(seen[0], seen[1])
+    assert all(torch.equal(got, want) for got, want in zip(seen, expected, strict=True))
