@@ -331,7 +331,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path]:
     parser.add_argument("--sweep-scales", type=int, default=defaults.sweep_scales, help="weight scales in the sweep case")
     parser.add_argument("--sweep-epochs", type=int, default=defaults.sweep_epochs)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
-    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON file with every raw figure")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
+                        help="JSON file with every raw figure (outputs/ is git-ignored)")
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
     return Settings(**values), args.out
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     settings, out = parse_args(argv)
     data = run(settings, argv)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     print(report(data))
     print(f"\nraw figures: {out}")

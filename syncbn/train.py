@@ -3,12 +3,15 @@
     python -m syncbn.train                                    # one process, world size 1
     python -m syncbn.train norm=bn model.weight_scale=0.05    # any key of conf/ can be overridden
     python -m syncbn.train dist.nproc=4                       # CPU simulation: 4 Gloo ranks here
-    launch/torchrun.sh --nproc-per-node=4 norm=syncbn         # torchrun: NCCL on GPUs, else Gloo
+    launch/torchrun.sh --standalone --nproc-per-node=4 -- norm=syncbn   # torchrun: NCCL on GPUs, else Gloo
     torchrun --standalone --nproc-per-node=2 -m syncbn.train hydra.run.dir=outputs/run1
     python -m syncbn.train -m +experiment=weight_scale_sweep dist.nproc=2
     python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
+    python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size
     python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
+
+Ctrl-C (or SIGTERM) stops every rank and prints where to resume, exit status 130 (143).
 
 Under torchrun every rank runs this app: pass one ``hydra.run.dir`` to all of them (the launch/
 scripts do); ranks other than 0 write nothing.
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -91,7 +95,7 @@ def main(cfg: DictConfig) -> None:
         preflight(config, world_size, run_dir)
         if layout is not None:
             layout.save(config, run_dir)
-        with interrupts_in_one_line(run_dir):
+        with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
             if config.dist.nproc > 1 and not distributed.launched():
                 log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
                 distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
@@ -126,19 +130,28 @@ def interrupting_signal(error: BaseException) -> signal.Signals | None:
     return None
 
 
-def where_to_resume(run_dir: Path | None) -> str:
+def how_to_resume(run_dir: Path) -> str:
+    """Run the same command, with the output directory pinned if the command left it to the clock."""
+    hydra_config = HydraConfig.get()
+    multirun = hydra_config.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(override.startswith(f"{key}=") for override in hydra_config.overrides.hydra):
+        return f"run the same command to resume from {run_dir}"
+    return f"run the same command with {key}={hydra_config.sweep.dir if multirun else run_dir} to resume"
+
+
+def where_training_stopped(run_dir: Path | None, resume: str) -> str:
     if run_dir is None:
         return "before training started"
     state = checkpoint.load(run_dir)
     if state is None:
         return f"before the first checkpoint; {run_dir} has nothing to resume"
     progress = state["progress"]
-    return (f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); "
-            f"run the same command to resume from {run_dir}")
+    return f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); {resume}"
 
 
 @contextlib.contextmanager
-def interrupts_in_one_line(run_dir: Path | None) -> Iterator[None]:
+def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Iterator[None]:
     """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143."""
     try:
         yield
@@ -146,7 +159,7 @@ def interrupts_in_one_line(run_dir: Path | None) -> Iterator[None]:
         received = interrupting_signal(error)
         if received is None or os.environ.get("SYNCBN_DEBUG") == "1":
             raise
-        print(f"syncbn.train: interrupted by {received.name} {where_to_resume(run_dir)}", file=sys.stderr)
+        print(f"syncbn.train: interrupted by {received.name} {where_training_stopped(run_dir, resume)}", file=sys.stderr)
         sys.exit(EXIT_STATUS[received])
 
 
@@ -194,7 +207,7 @@ def cli() -> None:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
-    with interrupts_in_one_line(None), one_line_errors():
+    with interrupts_in_one_line(), one_line_errors():
         main()
 
 
