@@ -4,8 +4,10 @@
 #   HEAD=node0.cluster:29500 NNODES=2 NPROC=8 RUN_ID=exp42 launch/multinode.sh norm=syncbn
 #
 # HEAD is one node's address and a free port; RUN_ID names the job for the rendezvous and the
-# output directory outputs/RUN_ID, so every rank of every node agrees on it (put outputs/ on a
-# shared filesystem to collect it in one place; only global rank 0 writes).
+# output directory outputs/RUN_ID, so every rank of every node agrees on it. Put outputs/ on a
+# filesystem every node shares: only global rank 0 writes, every rank resumes from it, and ranks
+# that find different checkpoints (or none) stop before training. With one rank per node on one
+# machine, set OMP_NUM_THREADS (each rank would take every core).
 set -euo pipefail
 : "${HEAD:?set HEAD=host:port of the rendezvous node}" "${NNODES:?set NNODES}" "${RUN_ID:?set RUN_ID}"
 export SYNCBN_RUN_DIR="${SYNCBN_RUN_DIR:-outputs/$RUN_ID}"

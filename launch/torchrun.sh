@@ -15,5 +15,5 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
   shift
 done
 [[ $# -gt 0 ]] && shift
-run_dir="${SYNCBN_RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}"
+run_dir="${SYNCBN_RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S-%6N)}"
 exec torchrun "${torchrun_args[@]}" -m syncbn.train "hydra.run.dir=$run_dir" "hydra.sweep.dir=$run_dir" "$@"

@@ -9,15 +9,22 @@ and renames the new one into place, so a crash at any moment leaves a complete c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from syncbn.config import Config
+
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+LOCK = ".lock"
 
 
 class CheckpointError(RuntimeError):
@@ -78,34 +85,87 @@ def load(run_dir: Path) -> dict | None:
     return None
 
 
-def signature(model: torch.nn.Module, norm: str, world_size: int) -> dict:
-    """What a checkpoint must match to be continued: world size, norm, dtype, every tensor's shape."""
+# What a run may change when it continues a checkpoint: how long it trains, how often it saves,
+# how patient it is, where the data and devices are, fault injection. Every other key decides what
+# is trained (model, norm, optim, data, seed, batch sizes, dtype...) and must match.
+MAY_CHANGE = ("train.epochs", "train.resume", "train.checkpoint_every_steps", "train.eval_batch_size",
+              "dist.", "data.root", "data.download", "fault.", "study.max_real_ranks")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings(config: Config) -> dict:
+    """The configuration keys that decide what is trained, flattened (``optim.lr``...)."""
+    return {key: value for key, value in _flatten(asdict(config)).items() if not key.startswith(MAY_CHANGE)}
+
+
+def signature(config: Config, world_size: int, model: torch.nn.Module) -> dict:
+    """What a checkpoint must match to be continued: the settings, the world size, every tensor's shape."""
     return dict(
         world_size=world_size,
-        norm=norm,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        settings=settings(config),
         shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
     )
 
 
-def check_compatible(state: dict, expected: dict, run_dir: Path) -> None:
-    found = state["signature"]
-    where = f"the checkpoint in {run_dir}"
-    advice = "use another run directory (hydra.run.dir=...) or train.resume=false"
+def _differences(found: dict, expected: dict) -> list[str]:
+    theirs, ours = found.get("settings", {}), expected["settings"]
+    changed = [f"{key}={theirs[key]} there, {ours.get(key)} here" for key in sorted(theirs) if theirs[key] != ours.get(key)]
     if found["world_size"] != expected["world_size"]:
+        changed.append(f"world size {found['world_size']} there, {expected['world_size']} here")
+    if not changed and found["shapes"] != expected["shapes"]:
+        name = next(n for n in sorted(set(found["shapes"]) | set(expected["shapes"]))
+                    if found["shapes"].get(n) != expected["shapes"].get(n))
+        changed.append(f"a model of another shape ({name}: {found['shapes'].get(name)} there, "
+                       f"{expected['shapes'].get(name)} here)")
+    return changed
+
+
+def check_compatible(state: dict, expected: dict, run_dir: Path) -> None:
+    """Refuse, naming every difference, a checkpoint this configuration would not have written."""
+    changed = _differences(state["signature"], expected)
+    if changed:
         raise CheckpointError(
-            f"{where} was written at world size {found['world_size']}, this run has {expected['world_size']}; {advice}"
+            f"the checkpoint in {run_dir} was trained with other settings: {'; '.join(changed)}. Keep them to "
+            "resume, or use another run directory (hydra.run.dir=...) or train.resume=false"
         )
-    if found["norm"] != expected["norm"]:
-        raise CheckpointError(f"{where} was written with norm={found['norm']}, this run has norm={expected['norm']}; {advice}")
-    if found.get("dtype", "float32") != expected["dtype"]:
-        raise CheckpointError(
-            f"{where} was written with train.dtype={found.get('dtype', 'float32')}, this run has "
-            f"train.dtype={expected['dtype']}; {advice}"
-        )
-    theirs, ours = found["shapes"], expected["shapes"]
-    if theirs != ours:
-        name = next(n for n in sorted(set(theirs) | set(ours)) if theirs.get(n) != ours.get(n))
-        raise CheckpointError(
-            f"{where} holds a model of another shape ({name}: {theirs.get(name)} there, {ours.get(name)} here); {advice}"
-        )
+
+
+def nothing_left(state: dict, epochs: int, run_dir: Path) -> str | None:
+    """Why a checkpointed run has nothing more to train (diverged, or done), else None."""
+    history, trained = state["progress"]["history"], state["progress"]["epoch"] - 1
+    if history and history[-1]["diverged"]:
+        return f"{run_dir} holds a run that diverged at epoch {history[-1]['epoch']}: nothing to train (train.resume=false starts over)"
+    if trained >= epochs:
+        return f"{run_dir} has trained {trained} epochs of train.epochs={epochs}: nothing to train (raise train.epochs to go on)"
+    return None
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this run: a second run that asks for it while this one lives is refused.
+
+    An exclusive ``flock`` on ``run_dir/.lock``, taken atomically and let go by the kernel when the
+    process ends, however it ends; the file says which process holds it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CheckpointError(f"{run_dir} belongs to a run still going ({holder}); wait for it or pick another "
+                                  "hydra.run.dir") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        yield

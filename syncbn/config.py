@@ -18,6 +18,8 @@ NORMS = ("syncbn", "bn", "none", "layernorm", "groupnorm")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "mnist")
 DTYPES = ("float32", "float64")
+MODELS = ("mlp", "cnn")
+BACKENDS = ("gloo", "nccl")
 
 
 @dataclass
@@ -115,44 +117,104 @@ class ConfigError(ValueError):
     """A configuration value that has the right type but cannot work."""
 
 
-def _problems(config: Config, world_size: int) -> Iterator[str]:
-    """Every value the types allow but a run cannot use, as a message naming the key."""
+def _choice_problems(config: Config) -> Iterator[str]:
     for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
-                                ("data", config.data.name, DATASETS), ("train.dtype", config.train.dtype, DTYPES)):
+                                ("data", config.data.name, DATASETS), ("model.name", config.model.name, MODELS),
+                                ("train.dtype", config.train.dtype, DTYPES),
+                                ("dist.backend", config.dist.backend, (None, *BACKENDS))):
         if value not in choices:
-            yield f"{key} must be one of {', '.join(choices)}, got {value!r}"
-    if config.norm.ghost_slices is not None:
-        if config.norm.name != "bn":
-            yield f"norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm={config.norm.name}"
-        elif config.norm.ghost_slices < 1 or config.train.global_batch_size % (config.norm.ghost_slices * world_size):
-            yield (f"norm.ghost_slices={config.norm.ghost_slices} must be >= 1 and divide the per-rank batch "
+            yield f"{key} must be one of {', '.join(c for c in choices if c)}, got {value!r}"
+
+
+def _norm_problems(config: Config, world_size: int) -> Iterator[str]:
+    norm = config.norm
+    if norm.eps <= 0:
+        yield f"norm.eps must be > 0, got {norm.eps}"
+    if not 0 <= norm.momentum <= 1:
+        yield f"norm.momentum must be in [0, 1] (the weight of each new batch in the running statistics), got {norm.momentum}"
+    if norm.name == "groupnorm":
+        if norm.num_groups < 1 or any(width % norm.num_groups for width in config.model.hidden):
+            yield f"norm.num_groups={norm.num_groups} must be >= 1 and divide every width of model.hidden={config.model.hidden}"
+    if norm.ghost_slices is not None:
+        if norm.name != "bn":
+            yield f"norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm={norm.name}"
+        elif norm.ghost_slices < 1 or config.train.global_batch_size % (norm.ghost_slices * world_size):
+            yield (f"norm.ghost_slices={norm.ghost_slices} must be >= 1 and divide the per-rank batch "
                    f"{config.train.global_batch_size}/{world_size}")
-    if config.optim.lr <= 0:
-        yield f"optim.lr must be > 0, got {config.optim.lr}"
-    if config.train.epochs < 1:
-        yield f"train.epochs must be >= 1, got {config.train.epochs}"
-    if config.model.weight_scale <= 0:
-        yield f"model.weight_scale must be > 0, got {config.model.weight_scale}"
-    if not 0 <= config.model.dropout < 1:
-        yield f"model.dropout must be in [0, 1), got {config.model.dropout}"
-    if not config.model.hidden:
-        yield "model.hidden must list at least one hidden layer width, got []"
-    if any(width < 1 for width in config.model.hidden):
-        yield f"model.hidden widths must be >= 1, got {config.model.hidden}"
-    if config.data.train_size is not None and config.data.train_size < 1:
-        yield f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"
-    if config.train.checkpoint_every_steps is not None and config.train.checkpoint_every_steps < 1:
-        yield f"train.checkpoint_every_steps must be >= 1 or null, got {config.train.checkpoint_every_steps}"
-    if config.dist.timeout_s <= 0:
-        yield f"dist.timeout_s must be > 0, got {config.dist.timeout_s}"
-    if config.dist.max_restarts < 0:
-        yield f"dist.max_restarts must be >= 0, got {config.dist.max_restarts}"
+
+
+def _value_problems(config: Config) -> Iterator[str]:
+    model, optim, train, dist = config.model, config.optim, config.train, config.dist
+    checks = [
+        (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
+        (optim.momentum >= 0, f"optim.momentum must be >= 0, got {optim.momentum}"),
+        (optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}"),
+        (train.epochs >= 1, f"train.epochs must be >= 1, got {train.epochs}"),
+        (train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {train.eval_batch_size}"),
+        (model.weight_scale > 0, f"model.weight_scale must be > 0, got {model.weight_scale}"),
+        (0 <= model.dropout < 1, f"model.dropout must be in [0, 1), got {model.dropout}"),
+        (bool(model.hidden), "model.hidden must list at least one hidden layer width, got []"),
+        (all(width >= 1 for width in model.hidden), f"model.hidden widths must be >= 1, got {model.hidden}"),
+        (config.data.train_size is None or config.data.train_size >= 1,
+         f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"),
+        (train.checkpoint_every_steps is None or train.checkpoint_every_steps >= 1,
+         f"train.checkpoint_every_steps must be >= 1 or null, got {train.checkpoint_every_steps}"),
+        (dist.timeout_s > 0, f"dist.timeout_s must be > 0, got {dist.timeout_s}"),
+        (dist.max_restarts >= 0, f"dist.max_restarts must be >= 0, got {dist.max_restarts}"),
+    ]
+    yield from (message for ok, message in checks if not ok)
+
+
+def _world_problems(config: Config, world_size: int) -> Iterator[str]:
+    batch, fault = config.train.global_batch_size, config.fault
     if config.dist.nproc < 1:
         yield f"dist.nproc must be >= 1, got {config.dist.nproc}"
-    elif config.train.global_batch_size < world_size:
-        yield f"train.global_batch_size={config.train.global_batch_size} is smaller than the world size {world_size}"
-    elif config.train.global_batch_size % world_size:
-        yield f"train.global_batch_size={config.train.global_batch_size} is not divisible by the world size {world_size}"
+    elif batch < world_size:
+        yield f"train.global_batch_size={batch} is smaller than the world size {world_size}"
+    elif batch % world_size:
+        yield f"train.global_batch_size={batch} is not divisible by the world size {world_size}"
+    if (fault.kill_rank is None) != (fault.kill_at_step is None):
+        yield "fault.kill_rank and fault.kill_at_step go together: set both or neither"
+    elif fault.kill_rank is not None and not 0 <= fault.kill_rank < world_size:
+        yield f"fault.kill_rank={fault.kill_rank} is not a rank of this run (0 to {world_size - 1})"
+    elif fault.kill_at_step is not None and fault.kill_at_step < 1:
+        yield f"fault.kill_at_step must be >= 1, got {fault.kill_at_step}"
+
+
+def _problems(config: Config, world_size: int) -> Iterator[str]:
+    """Every value the types allow but a run cannot use, as a message naming the key."""
+    yield from _choice_problems(config)
+    yield from _norm_problems(config, world_size)
+    yield from _value_problems(config)
+    yield from _world_problems(config, world_size)
+
+
+def batch_sizes(train_size: int, global_batch: int, world_size: int) -> list[int]:
+    """The distinct per-rank batch sizes of an epoch: DistributedSampler gives each rank
+    ceil(N / W) samples (padding with repeats), cut into batches of B / W and a remainder."""
+    per_rank, local_batch = -(-train_size // world_size), global_batch // world_size
+    return sorted({min(local_batch, per_rank)} | ({per_rank % local_batch} - {0}))
+
+
+def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator[str]:
+    """Batches the norm cannot take: one value per channel where BatchNorm normalizes over the
+    batch (the MLP's features; a CNN's feature maps have H x W values), a batch ghost slices do
+    not divide. Refused rather than dropped: a run trains on every sample it was given."""
+    sizes, norm = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm
+    where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
+             f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
+    per_channel = {"syncbn": [world_size * s for s in sizes], "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
+    if config.model.name == "mlp" and 1 in per_channel.get(norm.name, []):
+        yield f"{where}: norm={norm.name} would normalize a single sample; pick sizes that leave 0 or at least 2"
+    if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
+        yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
+
+
+def validate_batches(config: Config, world_size: int, train_size: int) -> None:
+    """Once the data is loaded: refuse batches the norm cannot take."""
+    problem = next(batch_problems(config, world_size, train_size), None)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def validate(config: Config, world_size: int) -> Config:

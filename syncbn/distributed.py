@@ -185,6 +185,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` (same shape everywhere) as the rows of one tensor, on every rank."""
+    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values)
+    return torch.stack(rows)
+
+
 def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (e.g. unsynchronized BatchNorm statistics), as DDP would."""
     for buffer in module.buffers():

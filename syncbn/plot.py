@@ -120,10 +120,13 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="syncbn.plot", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (multirun/...) holding runs' metrics.jsonl")
     args = parser.parse_args(argv)
-    print(final_accuracy_table(summarize(args.sweep_dir)))
+    try:
+        print(final_accuracy_table(summarize(args.sweep_dir)))
+    except FileNotFoundError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

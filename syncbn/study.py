@@ -260,10 +260,13 @@ class BatchStudySummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Redraw a batch-size study's batch_study.csv and batch_study.png.")
+    parser = argparse.ArgumentParser(prog="syncbn.study", description="Redraw a batch-size study's batch_study.csv and batch_study.png.")
     parser.add_argument("sweep_dir", type=Path, help="the study's sweep directory (multirun/batch_size_study/...)")
     args = parser.parse_args(argv)
-    print(accuracy_table(summarize(args.sweep_dir)))
+    try:
+        print(accuracy_table(summarize(args.sweep_dir)))
+    except FileNotFoundError as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -32,14 +32,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from syncbn import checkpoint, data, distributed, study, trainer
 from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config, ConfigError, register, to_config, validate
+from syncbn.config import Config, ConfigError, register, to_config, validate, validate_batches
 from syncbn.data import DataError
 from syncbn.models import build_model
 
@@ -68,16 +68,45 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     return history
 
 
-def preflight(config: Config, world_size: int, run_dir: Path) -> None:
+def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
     """Everything that can be checked before a process group starts: values, backend and device,
-    the data, and a checkpoint this run would resume from."""
+    the data, and a checkpoint this run would resume from. Returns why there is nothing to train,
+    if that is so."""
     validate(config, world_size)
     distributed.check(config.dist)
-    data.load(config.data)
+    train_set, _ = data.load(config.data)
+    validate_batches(config, world_size, len(train_set))
     state = checkpoint.load(run_dir) if config.train.resume else None
-    if state is not None:
-        model = build_model(config.model, config.norm, config.train.dtype)
-        checkpoint.check_compatible(state, checkpoint.signature(model, config.norm.name, world_size), run_dir)
+    if state is None:
+        return None
+    model = build_model(config.model, config.norm, config.train.dtype)
+    checkpoint.check_compatible(state, checkpoint.signature(config, world_size, model), run_dir)
+    return checkpoint.nothing_left(state, config.train.epochs, run_dir)
+
+
+def owns_run_dir() -> bool:
+    """This process writes the run directory: the app itself, or global rank 0 under torchrun."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's ``.hydra/`` record of the run, written once the run holds its directory and its
+    checkpoint (if any) agrees: Hydra would write it before the app runs (``hydra.output_subdir``
+    is null in conf/config.yaml), over the record of a run it was about to be refused to change."""
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    hydra_config = HydraConfig.get()
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_config}), record / "hydra.yaml")
+    OmegaConf.save(hydra_config.overrides.task, record / "overrides.yaml")
+
+
+def train(config: Config, world_size: int, run_dir: Path) -> None:
+    if config.dist.nproc > 1 and not distributed.launched():
+        log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
+        distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
+    else:
+        run_rank(config, run_dir)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -92,15 +121,17 @@ def main(cfg: DictConfig) -> None:
             config = layout.apply(config)
         world_size = distributed.planned_world_size(config.dist)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        preflight(config, world_size, run_dir)
-        if layout is not None:
-            layout.save(config, run_dir)
-        with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
-            if config.dist.nproc > 1 and not distributed.launched():
-                log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
-                distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
-            else:
-                run_rank(config, run_dir)
+        with checkpoint.claim(run_dir) if owns_run_dir() else contextlib.nullcontext():
+            nothing_to_train = preflight(config, world_size, run_dir)
+            if nothing_to_train:
+                print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)
+                return
+            if owns_run_dir():
+                save_hydra_files(cfg, run_dir)
+                if layout is not None:
+                    layout.save(config, run_dir)
+            with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
+                train(config, world_size, run_dir)
 
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
@@ -171,13 +202,17 @@ def describe(error: BaseException) -> str:
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         exit_text = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         return f"rank {rank} failed ({exit_text}): {reason}".rstrip(": ")
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
     parts = [str(error)] + ([str(error.__cause__)] if isinstance(error, HydraException) and error.__cause__ else [])
     lines = [line.strip() for part in parts for line in part.splitlines()]
     lines = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines))
     return " ".join(line for line in lines if line and not line.startswith(("reference_type", "object_type")))
 
 
-KNOWN_FAILURES = (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, ChildFailedError)
+# OSError: a run directory that cannot be made or written (Hydra makes it before the app runs).
+KNOWN_FAILURES = (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, ChildFailedError,
+                  OSError)
 
 
 @contextlib.contextmanager
@@ -205,7 +240,7 @@ def cli() -> None:
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        sys.argv += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
     with interrupts_in_one_line(), one_line_errors():
         main()

@@ -10,6 +10,7 @@ like one process.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import json
@@ -32,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from syncbn import checkpoint, data
 from syncbn.config import Config, FaultConfig, OptimConfig
-from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
+from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main, gather_rows
 from syncbn.models import build_model
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, ba
         predicted = model(batch).argmax(dim=1)
         correct += (predicted == labels[start : start + batch_size].to(ctx.device)).sum()
     return torch.stack([correct, correct.new_tensor(len(labels))])
+
+
+def weights_digest(model: nn.Module) -> int:
+    """48 bits of a SHA-256 of every parameter and buffer's bytes: equal on two ranks exactly when
+    their states are (whatever the CPU; float sums could round differently), exact in a float64."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:6], "big")
 
 
 def fault_step(fault: FaultConfig, rank: int) -> int | None:
@@ -123,11 +133,12 @@ class Training:
         # without it, which would shift dropout's stream after a mid-epoch resume.
         self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size,
                                  sampler=self.sampler, generator=torch.Generator().manual_seed(config.seed))
-        self.signature = checkpoint.signature(self.model.module, config.norm.name, ctx.world_size)
+        self.signature = checkpoint.signature(config, ctx.world_size, self.model.module)
         self.kill_at_step = fault_step(config.fault, ctx.rank)
         self.progress = Progress()
         if run_dir is not None and config.train.resume:
             self._resume()
+        self._check_ranks_agree()
         self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
 
     def _resume(self) -> None:
@@ -141,6 +152,26 @@ class Training:
         checkpoint.restore_rng_states(state["rng"])
         if self.ctx.is_main:
             log.info("resumed from %s: epoch %d, step %d", self.run_dir / checkpoint.LATEST, self.progress.epoch, self.progress.step)
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must start where the others do. A run directory that each node reads on its
+        own (no shared filesystem) can hand ranks different checkpoints, or none: one collective
+        compares where each stands and a digest of its weights, and all stop with the same error."""
+        if self.ctx.world_size == 1:
+            return
+        progress = self.progress
+        mine = torch.tensor([progress.epoch, progress.step, weights_digest(self.model.module)], dtype=torch.float64,
+                            device=self.ctx.device)
+        ranks = gather_rows(mine).cpu()
+        if torch.equal(ranks, ranks[:1].expand_as(ranks)):
+            return
+        where = ", ".join(f"rank {r} at epoch {int(row[0])}, step {int(row[1])}" for r, row in enumerate(ranks))
+        if torch.equal(ranks[:, :2], ranks[:1, :2].expand(len(ranks), 2)):
+            where += ", with different weights"
+        raise checkpoint.CheckpointError(
+            f"the ranks did not resume the same state ({where}): every node must see the same run directory "
+            "(hydra.run.dir on a shared filesystem)"
+        )
 
     def save_checkpoint(self) -> None:
         if self.run_dir is None or not self.ctx.is_main:

@@ -19,6 +19,7 @@ from app import ROOT, read_metrics, run, strip
 
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
+from syncbn.study import main as study_main
 
 METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 
@@ -205,6 +206,21 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (["dist.nproc=0"], "dist.nproc must be >= 1, got 0"),
     (["train.dtype=float16"], "train.dtype must be one of float32, float64, got 'float16'"),
     (["model.dropout=1"], "model.dropout must be in [0, 1), got 1.0"),
+    (["norm=groupnorm", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width of model.hidden"),
+    (["norm=groupnorm", "norm.num_groups=0"], "norm.num_groups=0 must be >= 1"),
+    (["norm.eps=-1"], "norm.eps must be > 0, got -1.0"),
+    (["norm.momentum=5"], "norm.momentum must be in [0, 1]"),
+    (["train.eval_batch_size=0"], "train.eval_batch_size must be >= 1, got 0"),
+    (["optim.momentum=-1"], "optim.momentum must be >= 0, got -1.0"),
+    (["optim.weight_decay=-1"], "optim.weight_decay must be >= 0, got -1.0"),
+    (["model.name=foo"], "model.name must be one of mlp, cnn, got 'foo'"),
+    (["dist.backend=foo"], "dist.backend must be one of gloo, nccl, got 'foo'"),
+    (["train.global_batch_size=1"], "gives per-rank batches of 1: norm=syncbn would normalize a single sample"),
+    (["data.train_size=1001"], "gives per-rank batches of 1, 100: norm=syncbn would normalize a single sample"),
+    (["norm=bn", "dist.nproc=2", "train.global_batch_size=2"], "over 2 rank(s) gives per-rank batches of 1: norm=bn"),
+    (["norm=bn", "norm.ghost_slices=4", "data.train_size=1010"], "batches of 10, 100: norm.ghost_slices=4 must divide"),
+    (["fault.kill_rank=5", "fault.kill_at_step=3", "dist.nproc=2"], "fault.kill_rank=5 is not a rank of this run (0 to 1)"),
+    (["fault.kill_rank=1"], "fault.kill_rank and fault.kill_at_step go together"),
     (["data.train_size=5000"], "data.train_size=5000 is larger than the 4999 training images of data=mnist5k"),
     (["dist.backend=nccl"], "dist.backend=nccl needs CUDA devices"),
     (["+experiment=batch_size_study", "study.per_device_batch=48"], "study.per_device_batch=48 must divide train.global_batch_size=64"),
@@ -219,6 +235,21 @@ def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, override
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_run_directory_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, err = cli(monkeypatch, capsys, f"hydra.run.dir={tmp_path / 'file' / 'run'}")
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("syncbn.train: error: ") and str(tmp_path / "file") in err
+
+
+@pytest.mark.parametrize("tool", [plot_main, study_main])
+def test_redrawing_a_directory_without_runs_is_one_line(capsys, tmp_path, tool):
+    with pytest.raises(SystemExit) as exit_:
+        tool([str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.strip().splitlines() == [err.strip()] and str(tmp_path / "missing") in err
+
+
 def test_missing_or_corrupt_mnist_files_are_one_line(monkeypatch, capsys, tmp_path, tiny_mnist):
     root, _ = tiny_mnist
     code, err = cli(monkeypatch, capsys, "data=mnist", "data.download=false", f"data.root={tmp_path / 'none'}",
@@ -231,12 +262,63 @@ def test_missing_or_corrupt_mnist_files_are_one_line(monkeypatch, capsys, tmp_pa
     assert code == 1 and f"{labels} is truncated or corrupt" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_checkpoint_of_another_shape_or_world_size_is_refused_before_training(monkeypatch, capsys, tmp_path):
-    assert cli(monkeypatch, capsys, "train.epochs=1", "model.hidden=[20]", f"hydra.run.dir={tmp_path}")[0] == 0
-    code, err = cli(monkeypatch, capsys, "model.hidden=[30]", f"hydra.run.dir={tmp_path}")
-    assert f"the checkpoint in {tmp_path} holds a model of another shape" in err and "train.resume=false" in err
-    code, err = cli(monkeypatch, capsys, "model.hidden=[20]", "dist.nproc=2", f"hydra.run.dir={tmp_path}")
-    assert code == 1 and "was written at world size 1, this run has 2" in err
+def test_resume_with_other_settings_is_refused_in_one_line_before_anything_changes(monkeypatch, capsys, tmp_path):
+    run_dir = f"hydra.run.dir={tmp_path}"
+    assert cli(monkeypatch, capsys, "train.epochs=1", "model.hidden=[20]", run_dir)[0] == 0
+    recorded = (tmp_path / ".hydra" / "config.yaml").read_text()
+    for overrides, named in [
+        (["optim.lr=0.5"], "optim.lr=0.01 there, 0.5 here"),
+        (["seed=1", "model.weight_scale=0.5"], "model.weight_scale=0.1 there, 0.5 here; seed=0 there, 1 here"),
+        (["optim=adam"], "optim.name=sgd there, adam here"),
+        (["model.hidden=[30]"], "model.hidden=[20] there, [30] here"),
+        (["dist.nproc=2"], "world size 1 there, 2 here"),
+    ]:
+        code, err = cli(monkeypatch, capsys, "train.epochs=2", "model.hidden=[20]", *overrides, run_dir)
+        assert code == 1 and err.strip().splitlines() == [err.strip()], err
+        assert f"the checkpoint in {tmp_path} was trained with other settings: " in err and named in err
+    assert len(read_metrics(tmp_path)) == 1 and (tmp_path / ".hydra" / "config.yaml").read_text() == recorded
+
+
+def test_a_finished_or_diverged_run_says_so_and_trains_nothing(monkeypatch, capsys, tmp_path):
+    done, diverged = tmp_path / "done", tmp_path / "diverged"
+    assert cli(monkeypatch, capsys, "train.epochs=1", "model.hidden=[20]", f"hydra.run.dir={done}")[0] == 0
+    assert cli(monkeypatch, capsys, "train.epochs=1", "model.weight_scale=1.0", "norm=none", "norm.eps=1e-6",
+               f"hydra.run.dir={diverged}")[0] == 0
+    assert read_metrics(diverged)[0]["diverged"]
+    for overrides, run_dir, said in [
+        (["train.epochs=1", "model.hidden=[20]"], done, "has trained 1 epochs of train.epochs=1: nothing to train"),
+        (["train.epochs=3", "model.weight_scale=1.0", "norm=none", "norm.eps=1e-6"], diverged,
+         "holds a run that diverged at epoch 1: nothing to train"),
+    ]:
+        code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={run_dir}")
+        assert code == 0 and len(err.strip().splitlines()) == 1 and err.startswith(f"syncbn.train: {run_dir} {said}"), err
+        assert len(read_metrics(run_dir)) == 1
+
+
+def test_runs_started_together_get_their_own_directories_and_a_live_run_keeps_its_own(tmp_path):
+    """Two runs in the same second (the old HH-MM-SS names collided); a third asks for a directory a
+    run is still using and is refused in one line."""
+    command = [sys.executable, "-m", "syncbn.train", "train.epochs=1", "data.train_size=200", "model.hidden=[20]"]
+    together = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    assert [run.wait(timeout=120) for run in together] == [0, 0], [run.stderr.read() for run in together]
+    directories = sorted(tmp_path.glob("outputs/*/*"))
+    assert len(directories) == 2 and all(len(read_metrics(d)) == 1 for d in directories)
+
+    live_dir = tmp_path / "live"
+    live = subprocess.Popen([*command[:3], "train.epochs=500", f"hydra.run.dir={live_dir}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (live_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run([*command, f"hydra.run.dir={live_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        live.kill()
+        live.wait()
+    assert second.returncode == 1
+    assert second.stderr.splitlines() == [f"syncbn.train: error: {live_dir} belongs to a run still going (pid {live.pid}); "
+                                          "wait for it or pick another hydra.run.dir"]
 
 
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(monkeypatch, capsys, tmp_path):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from app import compose_config, read_metrics, strip
 
 from syncbn import trainer
+from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config
 from syncbn.distributed import DistContext
 
@@ -149,3 +150,28 @@ def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
     expected = [labels[torch.randperm(200, generator=torch.Generator().manual_seed(3 + epoch))[:100]] for epoch in (1, 2)]
     assert not torch.equal(seen[0], seen[1])
     assert all(torch.equal(got, want) for got, want in zip(seen, expected, strict=True))
+
+
+def start_from(config: Config, run_dirs: list[Path]) -> str:
+    """Start training on this rank from its own run directory; the error, if the ranks refuse."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        trainer.Training(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dirs[rank])
+    except CheckpointError as error:
+        return str(error)
+    return "started"
+
+
+def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo_group, tmp_path):
+    """Each node reading its own copy of the run directory (no shared filesystem): rank 0 finds the
+    checkpoint, rank 1 does not. Both stop before training, saying where each stood."""
+    config = compose_config("train.epochs=1", "data.train_size=200", "model.hidden=[20]")
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.mkdir()
+    other.mkdir()
+    gloo_group(2).run(fit_on_rank, config, shared)
+    more = compose_config("train.epochs=2", "data.train_size=200", "model.hidden=[20]")
+    assert gloo_group(2).run(start_from, more, [shared, shared]) == ["started", "started"]
+    messages = gloo_group(2).run(start_from, more, [shared, other])
+    assert messages[0] == messages[1] and messages[0].startswith(
+        "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
