@@ -91,8 +91,9 @@ def owns_run_dir() -> bool:
 
 def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     """Hydra's ``.hydra/`` record of the run, written once the run holds its directory and its
-    checkpoint (if any) agrees: Hydra would write it before the app runs (``hydra.output_subdir``
-    is null in conf/config.yaml), over the record of a run it was about to be refused to change."""
+    checkpoint (if any) agrees. Hydra itself would write it before the app runs, over the record of
+    the run that owns the directory even when this one is then refused; so ``hydra.output_subdir``
+    is null in conf/config.yaml and the app writes the same three files here."""
     record = run_dir / ".hydra"
     record.mkdir(exist_ok=True)
     hydra_config = HydraConfig.get()
@@ -124,7 +125,8 @@ def main(cfg: DictConfig) -> None:
         with checkpoint.claim(run_dir) if owns_run_dir() else contextlib.nullcontext():
             nothing_to_train = preflight(config, world_size, run_dir)
             if nothing_to_train:
-                print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)
+                if owns_run_dir():
+                    print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)
                 return
             if owns_run_dir():
                 save_hydra_files(cfg, run_dir)
