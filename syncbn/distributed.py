@@ -167,7 +167,9 @@ def quiet_launcher() -> None:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.ERROR)
     leaked = "ignore:resource_tracker:UserWarning"
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), leaked]))
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    if leaked not in filters:  # once, not once per run of a sweep
+        os.environ["PYTHONWARNINGS"] = ",".join([*filters, leaked])
 
 
 def share_cpu_threads() -> None:

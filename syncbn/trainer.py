@@ -121,10 +121,10 @@ class Training:
 
     def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
         self.config, self.ctx, self.run_dir = config, ctx, run_dir
-        self.dtype = getattr(torch, config.train.dtype)
         torch.manual_seed(config.seed)
         self.train_set, self.test_set = data.load(config.data)
         self.model = wrap_ddp(build_model(config.model, config.norm, config.train.dtype), config.norm.name, ctx.device)
+        self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed

@@ -24,7 +24,8 @@ from syncbn.study import main as study_main
 METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 
 
-SIMULATION = [sys.executable, "-m", "syncbn.train", "dist.nproc=2", "train.epochs=3", "train.checkpoint_every_steps=7"]
+RUN = ["train.epochs=3", "train.checkpoint_every_steps=7"]  # the reference run's overrides, for every launcher
+SIMULATION = [sys.executable, "-m", "syncbn.train", "dist.nproc=2", *RUN]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_torchrun_restarts_a_killed_rank_and_resumes_bit_exactly(uninterrupted, 
     reference_dir, _ = uninterrupted
     run_dir = tmp_path / "run"
     run(["bash", "launch/torchrun.sh", "--standalone", "--nproc-per-node=2", "--max-restarts=1", "--",
-         *SIMULATION[4:], "fault.kill_rank=1", "fault.kill_at_step=25"], SYNCBN_RUN_DIR=str(run_dir))
+         *RUN, "fault.kill_rank=1", "fault.kill_at_step=25"], SYNCBN_RUN_DIR=str(run_dir))
     assert "epoch 3, step 1" in (run_dir / "train.log").read_text()
     assert_same_run(run_dir, reference_dir)
 
@@ -110,7 +111,7 @@ def test_multinode_script_as_two_nodes_on_localhost(uninterrupted, tmp_path):
     env = {**os.environ, "HEAD": f"localhost:{free_port()}", "NNODES": "2", "RUN_ID": "two-nodes",
            "SYNCBN_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", *SIMULATION[4:]], cwd=ROOT, env=env, text=True,
+    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", *RUN], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outputs = [node.communicate(timeout=180)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-2000:] for output in outputs)

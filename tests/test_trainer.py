@@ -15,15 +15,19 @@ from syncbn.config import Config
 from syncbn.distributed import DistContext
 
 
+def this_rank() -> DistContext:
+    """This Gloo group member as the trainer sees a rank: CPU, one rank per "node"."""
+    rank = dist.get_rank()
+    return DistContext(rank, rank, dist.get_world_size(), torch.device("cpu"))
+
+
 def fit_on_rank(config: Config, run_dir: Path | None = None) -> list[dict]:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    return trainer.fit(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dir)
+    return trainer.fit(config, this_rank(), run_dir)
 
 
 def fit_and_keep_weights(config: Config) -> tuple[list[dict], dict]:
     """The per-epoch metrics and the final state_dict of this rank's model."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    training = trainer.Training(config, DistContext(rank, rank, world_size, torch.device("cpu")), None)
+    training = trainer.Training(config, this_rank(), None)
     return training.fit(), training.model.module.state_dict()
 
 
@@ -91,8 +95,7 @@ class Stop(Exception):
 def train_until(config: Config, run_dir: Path, steps: int | None) -> tuple[list[dict], dict]:
     """Train on this rank, stopping after ``steps`` optimizer steps (None: to the end); the metrics
     and final weights of a run that ends."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    training = trainer.Training(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dir)
+    training = trainer.Training(config, this_rank(), run_dir)
     step, taken = training.optimizer.step, []
 
     def step_then_maybe_stop(*args, **kwargs):
@@ -126,7 +129,7 @@ def test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_
 
 def first_batches(config: Config) -> list[torch.Tensor]:
     """The labels of the first batch of every epoch that ``fit`` trains on."""
-    training = trainer.Training(config, DistContext(0, 0, 1, torch.device("cpu")), None)
+    training = trainer.Training(config, this_rank(), None)
     loader, seen = training.loader, []
 
     class Recording:
@@ -154,9 +157,8 @@ def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
 
 def start_from(config: Config, run_dirs: list[Path]) -> str:
     """Start training on this rank from its own run directory; the error, if the ranks refuse."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
-        trainer.Training(config, DistContext(rank, rank, world_size, torch.device("cpu")), run_dirs[rank])
+        trainer.Training(config, this_rank(), run_dirs[dist.get_rank()])
     except CheckpointError as error:
         return str(error)
     return "started"
