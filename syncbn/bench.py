@@ -1,7 +1,8 @@
 """Benchmarks, side by side in one run: SyncBatchNorm against local BatchNorm and the bare collectives.
 
-    python -m syncbn.bench                 # full: world sizes 1, 2, 4 (8 minutes on 2 cores, README)
+    python -m syncbn.bench                 # full: world sizes 1, 2, 4 (docs/performance.md)
     python -m syncbn.bench --quick         # everyday check, about a minute
+    python -m syncbn.bench --plain-sweep   # only the sweep case's baseline: the plain loop
     python -m syncbn.bench --help          # every knob
 
 Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
@@ -15,8 +16,13 @@ Cases, each at every world size (ranks are local processes started by torch's el
    and the communication floor: the two bare all-gathers of the layer's packed payloads, also timed
    as all-reduces (the measurement behind choosing all-gather).
 2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none.
-3. sweep: the trainer's weight-scale sweep command end to end at each world size, beside a plain
-   single-process loop that trains the same models with ``nn.BatchNorm1d`` and no DDP.
+3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
+   leave, in one process (the first starts the launcher's forkserver and is reported apart).
+4. sweep: whole commands, start-up included: the fused sweep (``+experiment=weight_scale_sweep``,
+   one job) at each world size and the per-run sweep (``-m +experiment=weight_scale_sweep_per_run``)
+   at ``--per-run-world-sizes``, each followed by the plain single-process loop over the same
+   networks and epochs (``--plain-sweep``: ``nn.BatchNorm1d`` or no norm, no DDP, one network after
+   another, evaluated on the 1000 training and 4000 test digits every epoch).
 Collectives per step are counted by the profiler (every ``c10d::`` op), not assumed.
 """
 
@@ -66,14 +72,16 @@ class Settings:
     repeats: int = 15
     iters: int = 20
     step_norms: list[str] = field(default_factory=lambda: list(STEP_NORMS))
-    sweep_scales: int = 4
-    sweep_epochs: int = 5
+    startup_launches: int = 6
+    sweep_scales: int = 16
+    sweep_epochs: int = 20
+    per_run_world_sizes: list[int] = field(default_factory=lambda: [2])
     device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
-                   step_norms=["syncbn", "bn"], sweep_scales=1, sweep_epochs=1)
+                   step_norms=["syncbn", "bn"], startup_launches=3, sweep_scales=1, sweep_epochs=1)
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
@@ -180,7 +188,7 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
 
 def bench_step(norm: str, settings: Settings, ctx: distributed.DistContext) -> dict:
     torch.manual_seed(0)
-    ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), norm, ctx.device)
+    ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), ctx.device, norm == "bn")
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     batch = 100 // ctx.world_size
     images = torch.rand(batch, 1, 28, 28, device=ctx.device)
@@ -207,21 +215,36 @@ def bench_rank(settings: Settings) -> list[dict]:
     return results
 
 
+def startup_rank(device: str) -> int:
+    with distributed.process_group(DistConfig(device=device, timeout_s=120)) as ctx:
+        return ctx.rank
+
+
+def bench_startup(settings: Settings, world_size: int) -> dict:
+    """Seconds per launch of ``world_size`` ranks that join a group and leave: a job's start-up."""
+    seconds = []
+    for _ in range(settings.startup_launches):
+        start = time.perf_counter()
+        distributed.launch_local(startup_rank, (settings.device,), world_size)
+        seconds.append(time.perf_counter() - start)
+    return dict(case="startup", world_size=world_size, first_seconds=seconds[0], seconds=seconds[1:])
+
+
 def _sweep_scales(count: int) -> list[float]:
     return [float(v) for v in np.logspace(0, -4, 16)[:: max(1, 16 // count)][:count]]
 
 
-def plain_sweep_seconds(settings: Settings) -> float:
-    """The baseline: one process, plain nn.BatchNorm1d / no norm, the same models and data, no DDP."""
-    start = time.perf_counter()
-    train, _ = load_mnist5k(1000, split_seed=0)
+def plain_sweep(scales: int, epochs: int) -> None:
+    """The baseline: one process, plain nn.BatchNorm1d / no norm, the same models and data, no DDP,
+    one network after another, evaluated on the training and test digits every epoch."""
+    train, test = load_mnist5k(1000, split_seed=0)
     images, labels = train.tensors
     for norm in ("bn", "none"):
-        for scale in _sweep_scales(settings.sweep_scales):
+        for scale in _sweep_scales(scales):
             torch.manual_seed(0)
             model = make_mlp(ModelConfig(weight_scale=scale), NormConfig(name=norm, eps=1e-6))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-            for epoch in range(settings.sweep_epochs):
+            for epoch in range(epochs):
                 order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
                 model.train()
                 for batch in order.split(100):
@@ -230,20 +253,35 @@ def plain_sweep_seconds(settings: Settings) -> float:
                     optimizer.step()
                 model.eval()
                 with torch.no_grad():
-                    (model(images).argmax(1) == labels).float().mean()
+                    for dataset in (train, test):
+                        (model(dataset.tensors[0]).argmax(1) == dataset.tensors[1]).double().mean().item()
+
+
+def _timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
-def sweep_command_seconds(settings: Settings, world_size: int) -> float:
-    """Wall time of the trainer's sweep command (process start-up included)."""
-    scales = ",".join(repr(s) for s in _sweep_scales(settings.sweep_scales))
-    with tempfile.TemporaryDirectory() as sweep_dir:
-        command = [sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep",
-                   f"model.weight_scale={scales}", f"train.epochs={settings.sweep_epochs}",
-                   f"dist.nproc={world_size}", f"hydra.sweep.dir={sweep_dir}"]
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        return time.perf_counter() - start
+def sweep_commands(settings: Settings, mode: str, world_size: int, out_dir: str) -> list[str]:
+    """The trainer's sweep command over ``settings``' networks and epochs: fused or per run."""
+    scales = _sweep_scales(settings.sweep_scales)
+    common = [f"train.epochs={settings.sweep_epochs}", f"dist.nproc={world_size}"]
+    if mode == "fused":
+        return [sys.executable, "-m", "syncbn.train", "+experiment=weight_scale_sweep",
+                f"sweep.weight_scales=[{','.join(map(repr, scales))}]", *common, f"hydra.run.dir={out_dir}"]
+    return [sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep_per_run",
+            f"model.weight_scale={','.join(map(repr, scales))}", *common, f"hydra.sweep.dir={out_dir}"]
+
+
+def bench_sweep(settings: Settings, mode: str, world_size: int) -> dict:
+    """Wall time of a sweep command, then of the plain loop's command (start-up included in both)."""
+    plain = [sys.executable, "-m", "syncbn.bench", "--plain-sweep", "--sweep-scales", str(settings.sweep_scales),
+             "--sweep-epochs", str(settings.sweep_epochs)]
+    with tempfile.TemporaryDirectory() as out_dir:
+        seconds = _timed(sweep_commands(settings, mode, world_size, out_dir))
+    return dict(case="sweep", mode=mode, world_size=world_size, seconds=seconds, plain_seconds=_timed(plain),
+                networks=2 * settings.sweep_scales, epochs=settings.sweep_epochs)
 
 
 def machine() -> dict:
@@ -257,15 +295,16 @@ def machine() -> dict:
 
 
 def run(settings: Settings, argv: list[str]) -> dict:
+    # First: the first launch of the process starts the forkserver, and is reported as such.
+    startup = [bench_startup(settings, w) for w in settings.world_sizes if w > 1]
     layer_and_step = []
     for world_size in settings.world_sizes:
         layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
-    plain = plain_sweep_seconds(settings)
-    sweeps = [dict(case="sweep", world_size=w, seconds=sweep_command_seconds(settings, w), plain_seconds=plain)
-              for w in settings.world_sizes]
+    sweeps = [bench_sweep(settings, "fused", w) for w in settings.world_sizes]
+    sweeps += [bench_sweep(settings, "per-run", w) for w in settings.per_run_world_sizes]
     return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
-                results=layer_and_step + sweeps)
+                results=layer_and_step + startup + sweeps)
 
 
 def _ms(seconds: float) -> str:
@@ -298,10 +337,19 @@ def step_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def startup_table(results: list[dict]) -> str:
+    lines = ["| world | first launch s (starts the forkserver) | each launch after s (median) |", "|---|---|---|"]
+    for r in (r for r in results if r["case"] == "startup"):
+        after = f"{statistics.median(r['seconds']):.2f}" if r["seconds"] else "-"
+        lines.append(f"| {r['world_size']} | {r['first_seconds']:.2f} | {after} |")
+    return "\n".join(lines)
+
+
 def sweep_table(results: list[dict]) -> str:
-    lines = ["| world | sweep command s | plain loop s | ratio |", "|---|---|---|---|"]
+    lines = ["| mode | world | networks x epochs | sweep command s | plain loop s | ratio |", "|---|---|---|---|---|---|"]
     for r in (r for r in results if r["case"] == "sweep"):
-        lines.append(f"| {r['world_size']} | {r['seconds']:.1f} | {r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.1f} |")
+        lines.append(f"| {r['mode']} | {r['world_size']} | {r['networks']} x {r['epochs']} | {r['seconds']:.1f} | "
+                     f"{r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -312,11 +360,12 @@ def report(report_data: dict) -> str:
         f"`{report_data['command']}` on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {report_data['backend']}",
         "Layer, forward + backward, float32:\n\n" + layer_table(results),
         "DDP training step of the 5x100 MLP, global batch 100:\n\n" + step_table(results),
+        "Rank start-up per job:\n\n" + startup_table(results),
         "Weight-scale sweep end to end:\n\n" + sweep_table(results),
     ])
 
 
-def parse_args(argv: list[str]) -> tuple[Settings, Path]:
+def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     """``--quick`` changes the defaults; any knob given explicitly still wins."""
     quick = "--quick" in argv
     defaults = Settings.quick() if quick else Settings()
@@ -328,19 +377,30 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path]:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed samples per contender")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="calls per timed sample")
     parser.add_argument("--step-norms", nargs="+", choices=STEP_NORMS, default=defaults.step_norms)
-    parser.add_argument("--sweep-scales", type=int, default=defaults.sweep_scales, help="weight scales in the sweep case")
+    parser.add_argument("--startup-launches", type=int, default=defaults.startup_launches,
+                        help="launches per world size in the startup case (at least 2)")
+    parser.add_argument("--sweep-scales", type=int, default=defaults.sweep_scales,
+                        help="weight scales in the sweep case (x 2 norms)")
     parser.add_argument("--sweep-epochs", type=int, default=defaults.sweep_epochs)
+    parser.add_argument("--per-run-world-sizes", type=int, nargs="*", default=defaults.per_run_world_sizes,
+                        help="world sizes of the per-run sweep command (slow: a job per network)")
+    parser.add_argument("--plain-sweep", action="store_true", help="only run the sweep case's plain loop, then exit")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
                         help="JSON file with every raw figure (outputs/ is git-ignored)")
     args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k not in ("quick", "out")}
-    return Settings(**values), args.out
+    if args.startup_launches < 2:
+        parser.error(f"--startup-launches must be at least 2 (the first starts the forkserver), got {args.startup_launches}")
+    values = {k: v for k, v in vars(args).items() if k not in ("quick", "out", "plain_sweep")}
+    return Settings(**values), args.out, args.plain_sweep
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    settings, out = parse_args(argv)
+    settings, out, plain_only = parse_args(argv)
+    if plain_only:
+        plain_sweep(settings.sweep_scales, settings.sweep_epochs)
+        return
     data = run(settings, argv)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))

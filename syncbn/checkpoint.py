@@ -25,6 +25,7 @@ from syncbn.config import Config
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 LOCK = ".lock"
+FORMAT = 2  # 2: per-member loss sums and diverged members (the fused sweep)
 
 
 class CheckpointError(RuntimeError):
@@ -110,6 +111,7 @@ def settings(config: Config) -> dict:
 def signature(config: Config, world_size: int, model: torch.nn.Module) -> dict:
     """What a checkpoint must match to be continued: the settings, the world size, every tensor's shape."""
     return dict(
+        format=FORMAT,
         world_size=world_size,
         settings=settings(config),
         shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
@@ -117,6 +119,8 @@ def signature(config: Config, world_size: int, model: torch.nn.Module) -> dict:
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
+    if found.get("format", 1) != expected["format"]:
+        return [f"checkpoint format {found.get('format', 1)} there (an older syncbn), {expected['format']} here"]
     theirs, ours = found.get("settings", {}), expected["settings"]
     changed = [f"{key}={theirs[key]} there, {ours.get(key)} here" for key in sorted(theirs) if theirs[key] != ours.get(key)]
     if found["world_size"] != expected["world_size"]:
@@ -142,8 +146,10 @@ def check_compatible(state: dict, expected: dict, run_dir: Path) -> None:
 def nothing_left(state: dict, epochs: int, run_dir: Path) -> str | None:
     """Why a checkpointed run has nothing more to train (diverged, or done), else None."""
     history, trained = state["progress"]["history"], state["progress"]["epoch"] - 1
-    if history and history[-1]["diverged"]:
-        return f"{run_dir} holds a run that diverged at epoch {history[-1]['epoch']}: nothing to train (train.resume=false starts over)"
+    last_epoch = [record for record in history if record["epoch"] == history[-1]["epoch"]] if history else []
+    if last_epoch and all(record["diverged"] for record in last_epoch):
+        what = "a run that diverged" if len(last_epoch) == 1 else "a sweep whose every network diverged, the last"
+        return f"{run_dir} holds {what} at epoch {history[-1]['epoch']}: nothing to train (train.resume=false starts over)"
     if trained >= epochs:
         return f"{run_dir} has trained {trained} epochs of train.epochs={epochs}: nothing to train (raise train.epochs to go on)"
     return None

@@ -95,6 +95,26 @@ class StudyConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A sweep trained as one job (``+experiment=weight_scale_sweep``): every member, a network per
+    (norm, weight scale, seed), in one batched model. Any list left null holds the single run's
+    value (``norm.name``, ``model.weight_scale``, ``seed``); all three null: an ordinary run."""
+
+    weight_scales: list[float] | None = None
+    norms: list[str] | None = None
+    seeds: list[int] | None = None  # each member's initial weights; the batch order is ``seed``'s
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of a job: the weights a standalone run with these values would draw."""
+
+    norm: str
+    weight_scale: float
+    seed: int
+
+
+@dataclass
 class Config:
     seed: int = 0
     norm: NormConfig = MISSING
@@ -105,6 +125,21 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def is_sweep(config: Config) -> bool:
+    sweep = config.sweep
+    return any(values is not None for values in (sweep.weight_scales, sweep.norms, sweep.seeds))
+
+
+def members(config: Config) -> list[Member]:
+    """The networks a job trains, grouped by norm: a single run's one, or a sweep's product."""
+    sweep = config.sweep
+    norms = sweep.norms if sweep.norms is not None else [config.norm.name]
+    scales = sweep.weight_scales if sweep.weight_scales is not None else [config.model.weight_scale]
+    seeds = sweep.seeds if sweep.seeds is not None else [config.seed]
+    return [Member(norm, float(scale), seed) for norm in norms for scale in scales for seed in seeds]
 
 
 def register() -> None:
@@ -132,7 +167,7 @@ def _norm_problems(config: Config, world_size: int) -> Iterator[str]:
         yield f"norm.eps must be > 0, got {norm.eps}"
     if not 0 <= norm.momentum <= 1:
         yield f"norm.momentum must be in [0, 1] (the weight of each new batch in the running statistics), got {norm.momentum}"
-    if norm.name == "groupnorm":
+    if "groupnorm" in {member.norm for member in members(config)}:
         if norm.num_groups < 1 or any(width % norm.num_groups for width in config.model.hidden):
             yield f"norm.num_groups={norm.num_groups} must be >= 1 and divide every width of model.hidden={config.model.hidden}"
     if norm.ghost_slices is not None:
@@ -181,9 +216,33 @@ def _world_problems(config: Config, world_size: int) -> Iterator[str]:
         yield f"fault.kill_at_step must be >= 1, got {fault.kill_at_step}"
 
 
+def _sweep_problems(config: Config) -> Iterator[str]:
+    sweep = config.sweep
+    for key, values in (("weight_scales", sweep.weight_scales), ("norms", sweep.norms), ("seeds", sweep.seeds)):
+        if values is not None and not values:
+            yield f"sweep.{key} must list at least one value, or be null (the single run's value), got []"
+        elif values is not None and len(set(values)) < len(values):
+            yield f"sweep.{key} lists a value twice: {values}"
+    unknown = [name for name in sweep.norms or [] if name not in NORMS]
+    if unknown:
+        yield f"sweep.norms: each must be one of {', '.join(NORMS)}, got {unknown[0]!r}"
+    if any(scale <= 0 for scale in sweep.weight_scales or []):
+        yield f"sweep.weight_scales must all be > 0, got {sweep.weight_scales}"
+    if not is_sweep(config):
+        return
+    if config.model.name != "mlp":
+        yield (f"a sweep trains its members as one batched MLP: model must be mlp, got {config.model.name} "
+               "(sweep other models per run: -m +experiment=weight_scale_sweep_per_run)")
+    if config.norm.ghost_slices is not None:
+        yield "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"
+    if config.study.per_device_batch is not None:
+        yield "the batch-size study (study.per_device_batch) trains single runs: leave sweep.* null"
+
+
 def _problems(config: Config, world_size: int) -> Iterator[str]:
     """Every value the types allow but a run cannot use, as a message naming the key."""
     yield from _choice_problems(config)
+    yield from _sweep_problems(config)
     yield from _norm_problems(config, world_size)
     yield from _value_problems(config)
     yield from _world_problems(config, world_size)
@@ -201,11 +260,13 @@ def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator
     batch (the MLP's features; a CNN's feature maps have H x W values), a batch ghost slices do
     not divide. Refused rather than dropped: a run trains on every sample it was given."""
     sizes, norm = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm
+    norms = {member.norm for member in members(config)}
     where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
              f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
     per_channel = {"syncbn": [world_size * s for s in sizes], "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
-    if config.model.name == "mlp" and 1 in per_channel.get(norm.name, []):
-        yield f"{where}: norm={norm.name} would normalize a single sample; pick sizes that leave 0 or at least 2"
+    single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
+    if config.model.name == "mlp" and single:
+        yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"
     if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
         yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
 

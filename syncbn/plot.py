@@ -2,8 +2,10 @@
 
     python -m syncbn.plot SWEEP_DIR      # redraw from every SWEEP_DIR/**/metrics.jsonl
 
-A sweep started with ``+experiment=weight_scale_sweep`` calls the same code when its last run ends
-(the ``SweepSummary`` Hydra callback).
+The fused sweep (``+experiment=weight_scale_sweep``, one job) calls the same code when it ends; the
+per-run sweep (``-m +experiment=weight_scale_sweep_per_run``) when its last run ends (the
+``SweepSummary`` Hydra callback). With several seeds each line is the mean over seeds and the band
+their range.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
-SUMMARY_COLUMNS = ["norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"]
+SUMMARY_COLUMNS = ["norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"]
 LINE_STYLES = {"syncbn": "-", "bn": "-", "none": "--", "layernorm": "-.", "groupnorm": ":"}
 LABELS = {
     "syncbn": "BatchNorm (synchronized)",
@@ -33,11 +36,11 @@ LABELS = {
 
 
 def read_metrics(sweep_dir: Path) -> list[dict]:
-    """Every epoch record of every run under ``sweep_dir``, sorted by norm, scale (descending), epoch."""
+    """Every epoch record of every run under ``sweep_dir``, sorted by norm, scale (descending), seed, epoch."""
     rows = [json.loads(line) for path in sorted(sweep_dir.rglob("metrics.jsonl")) for line in path.read_text().splitlines() if line]
     if not rows:
         raise FileNotFoundError(f"no metrics.jsonl under {sweep_dir}: is it a sweep directory?")
-    return sorted(rows, key=lambda r: (r["norm"], -r["weight_scale"], r["world_size"], r["epoch"]))
+    return sorted(rows, key=lambda r: (r["norm"], -r["weight_scale"], r["seed"], r["world_size"], r["epoch"]))
 
 
 def write_summary(rows: list[dict], path: Path) -> Path:
@@ -48,24 +51,58 @@ def write_summary(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
-    """One panel per weight scale (largest first), training accuracy against epoch, one line per norm."""
-    curves: dict[float, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+def _by_member(rows: list[dict]) -> dict[tuple[float, str], dict[int, list[dict]]]:
+    """(scale, norm) -> seed -> that network's records, by epoch."""
+    members: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        curves[row["weight_scale"]][row["norm"]].append((row["epoch"], row["train_acc"]))
-    scales = sorted(curves, reverse=True)
+        members[row["weight_scale"], row["norm"]][row["seed"]].append(row)
+    return members
+
+
+def _curve(seeds: dict[int, list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Epochs, and the mean, lowest and highest training accuracy over the seeds that reached each."""
+    by_epoch: dict[int, list[float]] = defaultdict(list)
+    for records in seeds.values():
+        for record in records:
+            by_epoch[record["epoch"]].append(record["train_acc"])
+    epochs = sorted(by_epoch)
+    return (epochs, [statistics.mean(by_epoch[e]) for e in epochs], [min(by_epoch[e]) for e in epochs],
+            [max(by_epoch[e]) for e in epochs])
+
+
+def _divergence_note(norm: str, seeds: dict[int, list[dict]]) -> str | None:
+    epochs = sorted(records[-1]["epoch"] for records in seeds.values() if records[-1]["diverged"])
+    if not epochs:
+        return None
+    if len(seeds) == 1:
+        return f"{norm}: loss not finite at epoch {epochs[0]}, stopped"
+    return f"{norm}: {len(epochs)} of {len(seeds)} seeds diverged (epoch {', '.join(map(str, epochs))})"
+
+
+def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
+    """One panel per weight scale (largest first), training accuracy against epoch, one line per
+    norm: the mean over seeds, their range as a band, an x where a seed's loss stopped being finite."""
+    members = _by_member(rows)
+    scales = sorted({scale for scale, _ in members}, reverse=True)
     columns = min(4, len(scales))
     grid_rows = math.ceil(len(scales) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(3 * columns, 2.6 * grid_rows), squeeze=False, sharey=True)
-    diverged = {(row["weight_scale"], row["norm"]): row["epoch"] for row in rows if row.get("diverged")}
     for ax, scale in zip(axes.flat, scales):
-        for norm, points in sorted(curves[scale].items()):
-            epochs, accuracy = zip(*sorted(points))
-            (line,) = ax.plot(epochs, accuracy, LINE_STYLES.get(norm, "-"), label=LABELS.get(norm, norm))
-            if (scale, norm) in diverged:
-                ax.plot(epochs[-1], accuracy[-1], "x", color=line.get_color(), markersize=8)
-                ax.annotate(f"{norm}: loss not finite at epoch {epochs[-1]}, stopped", (0.97, 0.9), xycoords="axes fraction",
-                            ha="right", fontsize=7, color=line.get_color())
+        notes = 0
+        for norm in sorted(norm for s, norm in members if s == scale):
+            seeds = members[scale, norm]
+            epochs, mean, low, high = _curve(seeds)
+            (line,) = ax.plot(epochs, mean, LINE_STYLES.get(norm, "-"), label=LABELS.get(norm, norm))
+            if len(seeds) > 1:
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, lw=0)
+            for records in seeds.values():
+                if records[-1]["diverged"]:
+                    ax.plot(records[-1]["epoch"], records[-1]["train_acc"], "x", color=line.get_color(), markersize=8)
+            note = _divergence_note(norm, seeds)
+            if note:
+                ax.annotate(note, (0.97, 0.9 - 0.1 * notes), xycoords="axes fraction", ha="right", fontsize=7,
+                            color=line.get_color())
+                notes += 1
         ax.set_title(f"weight scale {scale:.3g}", fontsize=9)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -76,7 +113,10 @@ def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
     for ax in axes[:, 0]:
         ax.set_ylabel("train accuracy")
     world_sizes = sorted({row["world_size"] for row in rows})
-    fig.suptitle(f"MNIST, 5x100 MLP: training accuracy per weight-init scale (world size {', '.join(map(str, world_sizes))})")
+    seeds = sorted({row["seed"] for row in rows})
+    spread = f", mean and range over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    fig.suptitle(f"MNIST, 5x100 MLP: training accuracy per weight-init scale{spread} "
+                 f"(world size {', '.join(map(str, world_sizes))})")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -84,22 +124,30 @@ def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def final_accuracy_table(rows: list[dict]) -> str:
-    """Markdown: final training accuracy per scale, one column per norm."""
-    last: dict[tuple[float, str], dict] = {}
-    for row in rows:
-        key = (row["weight_scale"], row["norm"])
-        if key not in last or row["epoch"] > last[key]["epoch"]:
-            last[key] = row
-    norms = sorted({norm for _, norm in last})
-    lines = ["| weight scale | " + " | ".join(LABELS.get(n, n) for n in norms) + " |", "|---" * (len(norms) + 1) + "|"]
-    def cell(row: dict | None) -> str:
-        if row is None:
-            return ""
-        return f"diverged (epoch {row['epoch']})" if row.get("diverged") else f"{row['train_acc']:.3f}"
+def _final_cell(seeds: dict[int, list[dict]] | None) -> str:
+    if not seeds:
+        return ""
+    finals = [records[-1] for records in seeds.values()]
+    trained = [r["train_acc"] for r in finals if not r["diverged"]]
+    diverged = [r["epoch"] for r in finals if r["diverged"]]
+    if not trained:
+        return f"diverged (epoch {', '.join(map(str, sorted(diverged)))})"
+    cell = f"{statistics.mean(trained):.3f}"
+    if len(trained) > 1:
+        cell += f" ({min(trained):.3f}-{max(trained):.3f})"
+    if diverged:
+        cell += f", {len(diverged)} of {len(finals)} diverged"
+    return cell
 
-    for scale in sorted({scale for scale, _ in last}, reverse=True):
-        cells = [cell(last.get((scale, n))) for n in norms]
+
+def final_accuracy_table(rows: list[dict]) -> str:
+    """Markdown: final training accuracy per scale, one column per norm; with several seeds the mean
+    over seeds (lowest-highest)."""
+    members = _by_member(rows)
+    norms = sorted({norm for _, norm in members})
+    lines = ["| weight scale | " + " | ".join(LABELS.get(n, n) for n in norms) + " |", "|---" * (len(norms) + 1) + "|"]
+    for scale in sorted({scale for scale, _ in members}, reverse=True):
+        cells = [_final_cell(members.get((scale, n))) for n in norms]
         lines.append(f"| {scale:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

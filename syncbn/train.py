@@ -37,11 +37,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from syncbn import checkpoint, data, distributed, study, trainer
+from syncbn import checkpoint, data, distributed, plot, study, trainer
 from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config, ConfigError, register, to_config, validate, validate_batches
+from syncbn.config import Config, ConfigError, is_sweep, register, to_config, validate, validate_batches
 from syncbn.data import DataError
-from syncbn.models import build_model
+from syncbn.models import build_network
 
 log = logging.getLogger("syncbn.train")
 register()
@@ -63,7 +63,11 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
             handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")],
         )
     distributed.share_cpu_threads()
-    history = run_rank(config, run_dir)
+    try:
+        history = run_rank(config, run_dir)
+    except BaseException:
+        distributed.leave_after_the_launcher_looks()
+        raise
     distributed.skip_teardown_at_exit()
     return history
 
@@ -79,8 +83,7 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
     state = checkpoint.load(run_dir) if config.train.resume else None
     if state is None:
         return None
-    model = build_model(config.model, config.norm, config.train.dtype)
-    checkpoint.check_compatible(state, checkpoint.signature(config, world_size, model), run_dir)
+    checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
 
 
@@ -134,6 +137,8 @@ def main(cfg: DictConfig) -> None:
                     layout.save(config, run_dir)
             with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
                 train(config, world_size, run_dir)
+            if is_sweep(config) and owns_run_dir():
+                plot.summarize(run_dir)
 
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from syncbn import checkpoint, data
-from syncbn.config import Config, FaultConfig, OptimConfig
+from syncbn.config import Config, FaultConfig, OptimConfig, members
 from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main, gather_rows
-from syncbn.models import build_model
+from syncbn.models import build_network
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,44 @@ def make_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def wrap_ddp(model: nn.Module, norm: str, device: torch.device) -> DistributedDataParallel:
-    # SyncBatchNorm's running statistics are equal on every rank already; plain BN keeps DDP's
-    # default rank-0 broadcast, which is what users of unsynchronized BN get.
+def wrap_ddp(model: nn.Module, device: torch.device, sync_buffers: bool) -> DistributedDataParallel:
+    """``sync_buffers`` for plain per-rank BN: DDP's default rank-0 broadcast of the buffers, which is
+    what users of unsynchronized BN get. SyncBatchNorm's running statistics are equal on every rank
+    already, and broadcasting them would cost one collective per step for nothing."""
     return DistributedDataParallel(
         model.to(device),
         device_ids=[device] if device.type == "cuda" else None,
-        **{_SYNC_BUFFERS: norm == "bn"},
+        **{_SYNC_BUFFERS: sync_buffers},
     )
+
+
+def member_logits(output: torch.Tensor) -> torch.Tensor:
+    """Logits as ``[members, B, classes]``: a single run's network is a job of one member."""
+    return output if output.dim() == 3 else output.unsqueeze(0)
+
+
+def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each member's mean cross-entropy over the batch, ``[members]``. Their sum is the loss to
+    minimize: its gradient for each member's parameters is exactly that member's own, whatever the
+    others' losses are (even not finite: d(sum)/d(loss_m) is 1)."""
+    size = logits.size(0)
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(size), reduction="none")
+    return losses.view(size, -1).mean(1)
 
 
 @torch.no_grad()
 def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, batch_size: int,
                   dtype: torch.dtype) -> torch.Tensor:
-    """``[correct, seen]`` on this rank's shard (every W-th sample) of ``dataset``, in eval mode."""
+    """``[correct per member..., seen]`` on this rank's shard (every W-th sample) of ``dataset``, in eval mode."""
     model.eval()
     images, labels = (t[ctx.rank :: ctx.world_size] for t in dataset.tensors)
-    correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = 0
     for start in range(0, len(labels), batch_size):
         batch = images[start : start + batch_size].to(ctx.device, dtype)
-        predicted = model(batch).argmax(dim=1)
-        correct += (predicted == labels[start : start + batch_size].to(ctx.device)).sum()
-    return torch.stack([correct, correct.new_tensor(len(labels))])
+        predicted = member_logits(model(batch)).argmax(dim=-1)
+        correct = correct + (predicted == labels[start : start + batch_size].to(ctx.device)).sum(dim=1)
+    correct = torch.as_tensor(correct, dtype=torch.float64, device=ctx.device)
+    return torch.cat([correct.reshape(-1), correct.new_tensor([len(labels)])])
 
 
 def weights_digest(model: nn.Module) -> int:
@@ -97,9 +113,34 @@ class Progress:
     epoch: int = 1
     step: int = 0
     global_step: int = 0
-    loss_sum: float = 0.0
+    loss_sums: list[float] | None = None  # per member, the epoch's so far (None: none yet)
     samples: int = 0
+    diverged: list[int] = field(default_factory=list)  # members whose loss stopped being finite
     history: list[dict] = field(default_factory=list)
+
+
+class FrozenMembers:
+    """Members that diverged, held as they were when they stopped: their rows of every parameter and
+    running statistic are put back after each step, so neither the optimizer (momentum, Adam's
+    moments, weight decay) nor their own non-finite gradients change them, as a run that diverged
+    trains no further. Their values never reach another member: every operation that mixes values
+    (the batched matmuls, each channel's statistics, DDP's all-reduce, elementwise optimizers) keeps
+    members apart."""
+
+    def __init__(self, model: nn.Module, frozen: list[int], size: int):
+        self.saved = []
+        if not frozen or len(frozen) == size:  # none, or all: training stops
+            return
+        for tensor, rows in model.member_tensors():
+            local = [index for index, member in enumerate(rows) if member in frozen]
+            if local:
+                index = torch.tensor(local, device=tensor.device)
+                self.saved.append((tensor, index, tensor.detach().index_select(0, index)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, index, values in self.saved:
+            tensor.index_copy_(0, index, values)
 
 
 class MetricsLog:
@@ -110,10 +151,10 @@ class MetricsLog:
         if self.path is not None:
             self.path.write_text("".join(json.dumps(record) + "\n" for record in history))
 
-    def append(self, record: dict) -> None:
+    def append(self, records: list[dict]) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write("".join(json.dumps(record) + "\n" for record in records))
 
 
 class Training:
@@ -122,8 +163,10 @@ class Training:
     def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
         self.config, self.ctx, self.run_dir = config, ctx, run_dir
         torch.manual_seed(config.seed)
+        self.members = members(config)
         self.train_set, self.test_set = data.load(config.data)
-        self.model = wrap_ddp(build_model(config.model, config.norm, config.train.dtype), config.norm.name, ctx.device)
+        sync_buffers = any(member.norm == "bn" for member in self.members)
+        self.model = wrap_ddp(build_network(config), ctx.device, sync_buffers)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
@@ -139,6 +182,7 @@ class Training:
         if run_dir is not None and config.train.resume:
             self._resume()
         self._check_ranks_agree()
+        self.frozen = FrozenMembers(self.model.module, self.progress.diverged, len(self.members))
         self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
 
     def _resume(self) -> None:
@@ -185,16 +229,18 @@ class Training:
         ))
 
     def _epoch_totals(self) -> torch.Tensor:
-        """This rank's ``[loss sum, samples]`` at the start of (what is left of) the epoch: the
-        group's partial sums from a mid-epoch checkpoint sit on rank 0, so the epoch's all-reduce
-        counts them once."""
-        progress = self.progress
-        start = [progress.loss_sum, progress.samples] if self.ctx.is_main else [0.0, 0]
-        return torch.tensor(start, dtype=torch.float64, device=self.ctx.device)
+        """This rank's ``[loss sum per member..., samples]`` at the start of (what is left of) the
+        epoch: the group's partial sums from a mid-epoch checkpoint sit on rank 0, so the epoch's
+        all-reduce counts them once."""
+        progress, size = self.progress, len(self.members)
+        start = torch.zeros(size + 1, dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.is_main and progress.loss_sums is not None:
+            start.copy_(torch.tensor([*progress.loss_sums, progress.samples], dtype=torch.float64))
+        return start
 
     def _checkpoint_mid_epoch(self, totals: torch.Tensor) -> torch.Tensor:
         group_totals = all_reduce_sum(totals.clone())
-        self.progress.loss_sum, self.progress.samples = group_totals[0].item(), int(group_totals[1].item())
+        self.progress.loss_sums, self.progress.samples = group_totals[:-1].tolist(), int(group_totals[-1].item())
         self.save_checkpoint()
         return group_totals if self.ctx.is_main else torch.zeros_like(totals)
 
@@ -207,11 +253,12 @@ class Training:
         totals = self._epoch_totals()
         for images, labels in itertools.islice(self.loader, progress.step, None):
             images, labels = images.to(self.ctx.device, self.dtype, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
-            loss = F.cross_entropy(self.model(images), labels)
+            losses = member_losses(member_logits(self.model(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             self.optimizer.step()
-            totals += torch.stack([loss.detach().double() * labels.numel(), totals.new_tensor(labels.numel())])
+            self.frozen.restore()
+            totals += torch.cat([losses.detach().double() * labels.numel(), totals.new_tensor([labels.numel()])])
             progress.step += 1
             progress.global_step += 1
             if every and progress.global_step % every == 0:
@@ -221,50 +268,65 @@ class Training:
                 os.kill(os.getpid(), signal.SIGKILL)
         return totals
 
-    def evaluate(self, totals: torch.Tensor) -> dict:
-        """Whole-set metrics from every rank's shard and loss sums: one all-reduce."""
-        if self.config.norm.name == "bn":
+    def evaluate(self, totals: torch.Tensor) -> list[dict]:
+        """Each member's whole-set metrics from every rank's shard and loss sums: one all-reduce."""
+        if any(member.norm == "bn" for member in self.members):
             broadcast_buffers_from_main(self.model)
-        batch = self.config.train.eval_batch_size
+        batch, size = self.config.train.eval_batch_size, len(self.members)
         local = torch.cat([
             totals,
             count_correct(self.model, self.train_set, self.ctx, batch, self.dtype),
             count_correct(self.model, self.test_set, self.ctx, batch, self.dtype),
         ])
-        loss_sum, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).tolist()
-        loss = loss_sum / samples
-        return dict(
-            train_acc=train_correct / train_seen,
-            test_acc=test_correct / test_seen,
-            train_loss=loss if math.isfinite(loss) else None,
-            diverged=not math.isfinite(loss),
-        )
+        loss_sums, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).split(
+            [size, 1, size, 1, size, 1])
+        metrics = []
+        for member in range(size):
+            loss = loss_sums[member].item() / samples.item()
+            metrics.append(dict(
+                train_acc=(train_correct[member] / train_seen).item(),
+                test_acc=(test_correct[member] / test_seen).item(),
+                train_loss=loss if math.isfinite(loss) else None,
+                diverged=not math.isfinite(loss),
+            ))
+        return metrics
 
-    def finish_epoch(self, totals: torch.Tensor, start: float) -> dict:
+    def finish_epoch(self, totals: torch.Tensor, start: float) -> list[dict]:
+        """The epoch's records of the members still training; a member whose loss is no longer
+        finite is recorded as diverged and frozen."""
         progress = self.progress
-        metrics = self.evaluate(totals)
-        record = dict(
-            norm=self.config.norm.name, weight_scale=self.config.model.weight_scale, world_size=self.ctx.world_size,
-            epoch=progress.epoch, **metrics, seconds=time.perf_counter() - start,
-        )
-        progress.history.append(record)
-        self.metrics.append(record)
-        # A diverged run has nothing more to learn: mark it finished, so a resume does not retrain it.
-        progress.epoch = self.config.train.epochs + 1 if record["diverged"] else progress.epoch + 1
-        progress.step, progress.loss_sum, progress.samples = 0, 0.0, 0
+        metrics, seconds = self.evaluate(totals), time.perf_counter() - start
+        records = []
+        for index, member in enumerate(self.members):
+            if index in progress.diverged:
+                continue
+            records.append(dict(norm=member.norm, weight_scale=member.weight_scale, seed=member.seed,
+                                world_size=self.ctx.world_size, epoch=progress.epoch, **metrics[index], seconds=seconds))
+            if metrics[index]["diverged"]:
+                progress.diverged.append(index)
+        progress.history += records
+        self.metrics.append(records)
+        self.frozen = FrozenMembers(self.model.module, progress.diverged, len(self.members))
+        # When every member has diverged there is nothing more to learn: mark the run finished, so a
+        # resume does not retrain it.
+        finished = len(progress.diverged) == len(self.members)
+        progress.epoch = self.config.train.epochs + 1 if finished else progress.epoch + 1
+        progress.step, progress.loss_sums, progress.samples = 0, None, 0
         self.save_checkpoint()
-        return record
+        return records
 
-    def log_epoch(self, record: dict) -> None:
+    def log_epoch(self, records: list[dict]) -> None:
         if not self.ctx.is_main:
             return
-        if record["diverged"]:
-            log.warning("epoch %d: the training loss is not finite; the run diverged and stops here", record["epoch"])
-            return
-        log.info(
-            "epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)", record["epoch"],
-            self.config.train.epochs, record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"],
-        )
+        epoch, epochs = records[0]["epoch"], self.config.train.epochs
+        if len(self.members) > 1:
+            log.info(epoch_summary(records, epochs))
+        elif records[0]["diverged"]:
+            log.warning("epoch %d: the training loss is not finite; the run diverged and stops here", epoch)
+        else:
+            record = records[0]
+            log.info("epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)", epoch, epochs,
+                     record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"])
 
     def fit(self) -> list[dict]:
         epochs = self.config.train.epochs
@@ -275,6 +337,20 @@ class Training:
                 self.log_epoch(self.finish_epoch(self.train_epoch(), start))
                 bar.update()
         return self.progress.history
+
+
+def epoch_summary(records: list[dict], epochs: int) -> str:
+    """One line for an epoch of many members: accuracy ranges, and who diverged."""
+    training = [r for r in records if not r["diverged"]]
+    line = f"epoch {records[0]['epoch']}/{epochs}  {len(records)} networks"
+    for key in ("train_acc", "test_acc"):
+        values = sorted(r[key] for r in training)
+        if values:
+            line += f"  {key} {values[0]:.3f}-{values[-1]:.3f} (median {values[len(values) // 2]:.3f})"
+    diverged = [f"{r['norm']} scale {r['weight_scale']:.3g} seed {r['seed']}" for r in records if r["diverged"]]
+    if diverged:
+        line += f"  diverged, frozen: {', '.join(diverged)}"
+    return line + f"  ({records[0]['seconds']:.2f}s)"
 
 
 def fit(config: Config, ctx: DistContext, run_dir: Path | None = None) -> list[dict]:

@@ -26,8 +26,11 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     [step] = by_case["step"]
     assert step["collectives"] == {"c10d::_allgather_base_": 10, "c10d::allreduce_": 1}, "2 per norm layer + DDP's bucket"
     assert len(step["seconds"]) == 2
-    assert [r["world_size"] for r in by_case["sweep"]] == [2]
-    assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 for r in by_case["sweep"])
+    [startup] = by_case["startup"]
+    assert startup["world_size"] == 2 and startup["first_seconds"] > 0 and len(startup["seconds"]) == 2
+    assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 2)]
+    assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | ms per step" in printed and "sweep command s" in printed
+    assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 2 | 2 x 1 |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from syncbn.config import Config, ConfigError, register, to_config, validate
+from syncbn.config import Config, ConfigError, Member, is_sweep, members, register, to_config, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -84,12 +84,24 @@ def test_values_the_types_allow_but_cannot_work_are_clear_errors(overrides, worl
         validate(compose_config(*overrides), world_size)
 
 
-def test_weight_scale_sweep_is_the_books_grid():
-    cfg = compose("config", overrides=["+experiment=weight_scale_sweep"], return_hydra_config=True)
+def test_weight_scale_sweep_fused_and_per_run_are_the_books_grid():
+    fused = compose_config("+experiment=weight_scale_sweep")
+    np.testing.assert_array_equal(fused.sweep.weight_scales, np.logspace(0, -4, 16))
+    assert (fused.sweep.norms, fused.sweep.seeds, fused.norm.eps) == (["syncbn", "none"], [0], 1e-6)
+    assert [(m.norm, m.weight_scale) for m in members(fused)] == [(n, s) for n in ("syncbn", "none") for s in fused.sweep.weight_scales]
+    cfg = compose("config", overrides=["+experiment=weight_scale_sweep_per_run"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params["norm"].split(",")) == ["none", "syncbn"]
-    np.testing.assert_array_equal([float(v) for v in params["model.weight_scale"].split(",")], np.logspace(0, -4, 16))
+    assert params["norm"].split(",") == fused.sweep.norms
+    assert [float(v) for v in params["model.weight_scale"].split(",")] == fused.sweep.weight_scales
     assert cfg.hydra.callbacks.sweep_summary._target_ == "syncbn.plot.SweepSummary"
+    assert compose_config("+experiment=weight_scale_sweep_per_run").norm.eps == 1e-6
+
+
+def test_a_single_run_is_one_member_and_unset_sweep_lists_hold_its_values():
+    assert members(compose_config("norm=bn", "model.weight_scale=0.3", "seed=4")) == [Member("bn", 0.3, 4)]
+    assert not is_sweep(compose_config())
+    config = compose_config("norm=none", "model.weight_scale=0.3", "seed=4", "sweep.seeds=[1,2]")
+    assert is_sweep(config) and members(config) == [Member("none", 0.3, 1), Member("none", 0.3, 2)]
 
 
 @pytest.mark.parametrize("override", ["+train.epoch=3", "+lr=0.1", "+model.depth=3"])

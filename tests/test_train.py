@@ -21,7 +21,7 @@ from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
 from syncbn.study import main as study_main
 
-METRIC_KEYS = {"norm", "weight_scale", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
+METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 
 
 RUN = ["train.epochs=3", "train.checkpoint_every_steps=7"]  # the reference run's overrides, for every launcher
@@ -159,8 +159,36 @@ def test_an_interrupted_run_stops_every_process_with_one_line(tmp_path, how, sig
     assert live_processes(process.pid) == []
 
 
-def test_short_sweep_writes_summary_and_figure_and_plot_redraws_them(tmp_path):
-    run([sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep",
+def test_the_fused_sweep_is_one_job_that_writes_summary_and_figure_with_seeds(tmp_path, capsys):
+    """2 ranks, 2 scales x {syncbn, none} x 2 seeds as one job; no norm at scale 1 diverges in epoch 1
+    for both seeds and stops there, the others train both epochs. A rerun has nothing left."""
+    command = [sys.executable, "-m", "syncbn.train", "+experiment=weight_scale_sweep", "sweep.weight_scales=[1.0,0.01]",
+               "sweep.seeds=[0,1]", "train.epochs=2", "dist.nproc=2", f"hydra.run.dir={tmp_path}"]
+    result = run(command)
+    assert "4 networks" not in result.stdout and "8 networks" in result.stdout
+    lines = (tmp_path / "summary.csv").read_text().splitlines()
+    assert lines[0].split(",") == SUMMARY_COLUMNS
+    rows = [dict(zip(SUMMARY_COLUMNS, line.split(","))) for line in lines[1:]]
+    epochs = {}
+    for r in rows:
+        epochs.setdefault((r["norm"], float(r["weight_scale"]), int(r["seed"])), []).append((int(r["epoch"]), r["diverged"]))
+    assert epochs == {**{("syncbn", s, seed): [(1, "False"), (2, "False")] for s in (1.0, 0.01) for seed in (0, 1)},
+                      **{("none", 1.0, seed): [(1, "True")] for seed in (0, 1)},
+                      **{("none", 0.01, seed): [(1, "False"), (2, "False")] for seed in (0, 1)}}
+    by_seed = {int(r["seed"]): r["train_loss"] for r in rows if (r["norm"], r["weight_scale"], r["epoch"]) == ("syncbn", "1.0", "2")}
+    assert by_seed[0] != by_seed[1], "each seed draws its own initial weights"
+    assert matplotlib.image.imread(tmp_path / "weight_scale_sweep.png").shape[0] > 200
+    plot_main([str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "| 1 | " in table and "diverged (epoch 1, 1)" in table and "(" in table.split("| 0.01 | ")[1]
+
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stderr.strip() == f"syncbn.train: {tmp_path} has trained 2 epochs of " \
+        "train.epochs=2: nothing to train (raise train.epochs to go on)"
+
+
+def test_short_per_run_sweep_writes_summary_and_figure_and_plot_redraws_them(tmp_path):
+    run([sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep_per_run",
          "model.weight_scale=0.1,0.01", "train.epochs=2", f"hydra.sweep.dir={tmp_path}"])
     summary, figure = tmp_path / "summary.csv", tmp_path / "weight_scale_sweep.png"
     lines = summary.read_text().splitlines()
@@ -227,6 +255,17 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (["+experiment=batch_size_study", "study.per_device_batch=48"], "study.per_device_batch=48 must divide train.global_batch_size=64"),
     (["+experiment=batch_size_study", "data.train_size=4000"], "needs data.train_size divisible by train.global_batch_size=64"),
     (["+experiment=batch_size_study", "dist.nproc=2"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1"),
+    (["sweep.norms=[syncbn,batchnorm]"], "sweep.norms: each must be one of syncbn, bn, none, layernorm, groupnorm, got 'batchnorm'"),
+    (["sweep.weight_scales=[]"], "sweep.weight_scales must list at least one value, or be null"),
+    (["sweep.seeds=[0,1,0]"], "sweep.seeds lists a value twice: [0, 1, 0]"),
+    (["sweep.weight_scales=[0.1,-1]"], "sweep.weight_scales must all be > 0, got [0.1, -1.0]"),
+    (["sweep.weight_scales=abc"], "sweep.weight_scales"),
+    (["sweep.seeds=[a]"], "sweep.seeds"),
+    (["+experiment=weight_scale_sweep", "model=cnn"], "a sweep trains its members as one batched MLP: model must be mlp, got cnn"),
+    (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], "norm.ghost_slices emulates per-rank BatchNorm in a single run"),
+    (["+experiment=batch_size_study", "sweep.seeds=[0,1]"], "the batch-size study (study.per_device_batch) trains single runs"),
+    (["sweep.norms=[none,groupnorm]", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width"),
+    (["sweep.norms=[none,bn]", "dist.nproc=2", "train.global_batch_size=2"], "per-rank batches of 1: norm=bn would normalize"),
 ])
 def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, overrides, message):
     code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={tmp_path}")
@@ -324,7 +363,7 @@ def test_runs_started_together_get_their_own_directories_and_a_live_run_keeps_it
 
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(monkeypatch, capsys, tmp_path):
     """Without normalisation, weight scale 1.0 blows the loss up in the first epoch; 0.29 learns."""
-    code, _ = cli(monkeypatch, capsys, "-m", "+experiment=weight_scale_sweep", "norm=none",
+    code, _ = cli(monkeypatch, capsys, "-m", "+experiment=weight_scale_sweep_per_run", "norm=none",
                   "model.weight_scale=1.0,0.2928644564625237", "train.epochs=2", f"hydra.sweep.dir={tmp_path}")
     assert code == 0
     rows = [line.split(",") for line in (tmp_path / "summary.csv").read_text().splitlines()[1:]]

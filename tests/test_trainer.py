@@ -11,7 +11,7 @@ from app import compose_config, read_metrics, strip
 
 from syncbn import trainer
 from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config
+from syncbn.config import Config, members
 from syncbn.distributed import DistContext
 
 
@@ -111,20 +111,74 @@ def train_until(config: Config, run_dir: Path, steps: int | None) -> tuple[list[
         return [], {}
 
 
-@pytest.mark.parametrize("optimizer", [["optim.momentum=0.9"], ["optim=adam", "optim.lr=0.001"]], ids=["sgd-momentum", "adam"])
-def test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_state(gloo_group, tmp_path, optimizer):
+def same_bits(a: dict, b: dict) -> bool:
+    """Bit for bit, NaN included (a frozen diverged member may hold some)."""
+    return a.keys() == b.keys() and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+# A fused sweep of 4 networks, one of which (no norm, scale 1) diverges in epoch 1 and is frozen.
+SWEEP = ("sweep.norms=[syncbn,none]", "sweep.weight_scales=[1.0,0.05]", "norm.eps=1e-6", "model.hidden=[100,100,100,100,100]")
+
+
+@pytest.mark.parametrize(("optimizer", "world_size"), [
+    (["optim.momentum=0.9"], 1), (["optim=adam", "optim.lr=0.001"], 1), (["optim.momentum=0.9", *SWEEP], 2),
+], ids=["sgd-momentum", "adam", "fused-sweep-2-ranks"])
+def test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_state(gloo_group, tmp_path, optimizer,
+                                                                                     world_size):
     """Stopped after step 14 of 20 (epoch 2, step 4; the checkpoint is at step 12), resumed in a new
     Training: the metrics and weights of the run never stopped. Dropout draws from the global RNG,
-    SGD momentum and Adam keep state: every one must be restored exactly."""
+    SGD momentum and Adam keep state: every one must be restored exactly; so must a fused sweep's
+    per-member loss sums and its frozen member."""
     overrides = ("train.epochs=2", "train.checkpoint_every_steps=3", "model.dropout=0.2", "model.hidden=[50,50]", *optimizer)
     config = compose_config(*overrides)
     (tmp_path / "reference").mkdir()
     (tmp_path / "stopped").mkdir()
-    reference = gloo_group(1).run(train_until, config, tmp_path / "reference", None)[0]
-    assert gloo_group(1).run(train_until, config, tmp_path / "stopped", 14)[0] == ([], {})
-    resumed = gloo_group(1).run(train_until, config, tmp_path / "stopped", None)[0]
+    group = gloo_group(world_size)
+    reference = group.run(train_until, config, tmp_path / "reference", None)[0]
+    assert group.run(train_until, config, tmp_path / "stopped", 14)[0] == ([], {})
+    resumed = group.run(train_until, config, tmp_path / "stopped", None)[0]
     assert strip(resumed[0]) == strip(reference[0])
-    assert weight_gap(resumed[1], reference[1]) == 0
+    assert same_bits(resumed[1], reference[1])
+    if "sweep.norms=[syncbn,none]" in optimizer:
+        assert [(r["norm"], r["weight_scale"], r["epoch"]) for r in reference[0] if r["diverged"]] == [("none", 1.0, 1)]
+
+
+def fit_members(config: Config, run_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """A fused job's metrics and each member's final state as the standalone network's state_dict."""
+    training = trainer.Training(config, this_rank(), run_dir)
+    history, fused = training.fit(), training.model.module
+    return history, [fused.member_network(index).state_dict() for index in range(len(fused.members))]
+
+
+def member_records(history: list[dict], member) -> list[dict]:
+    return [r for r in history if (r["norm"], r["weight_scale"], r["seed"]) == (member.norm, member.weight_scale, member.seed)]
+
+
+FUSED = ("train.dtype=float64", "train.epochs=2", "norm.eps=1e-6", "sweep.norms=[syncbn,none]")
+
+
+def test_a_fused_sweep_trains_every_member_as_its_own_run_does(gloo_group):
+    """Float64, 2 ranks: 2 scales x {syncbn, none} as one job against the four runs one by one: the
+    same accuracies, losses and final weights within 1e-9 (rounding differs by ~1e-16 a step)."""
+    config = compose_config(*FUSED, "sweep.weight_scales=[0.2928644564625237,0.05]")
+    history, states = gloo_group(2).run(fit_members, config)[0]
+    for member, state in zip(members(config), states, strict=True):
+        single = compose_config(*FUSED[:3], f"norm={member.norm}", f"model.weight_scale={member.weight_scale}")
+        assert_same_training((member_records(history, member), state), gloo_group(2).run(fit_and_keep_weights, single)[0])
+
+
+def test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others(gloo_group, tmp_path):
+    """No norm at scale 1 diverges in epoch 1 (its loss overflows): recorded once, then held as it was,
+    through a resume too, while scale 0.29 trains on exactly as it does alone (float64, 1e-9)."""
+    config = compose_config(*FUSED, "sweep.norms=[none]", "sweep.weight_scales=[1.0,0.2928644564625237]", "train.epochs=1")
+    after_divergence = gloo_group(2).run(fit_members, config, tmp_path)[0][1]
+    more = compose_config(*FUSED, "sweep.norms=[none]", "sweep.weight_scales=[1.0,0.2928644564625237]", "train.epochs=3")
+    history, states = gloo_group(2).run(fit_members, more, tmp_path)[0]
+    diverging, learning = members(more)
+    assert [(r["epoch"], r["diverged"]) for r in member_records(history, diverging)] == [(1, True)]
+    assert same_bits(states[0], after_divergence[0]), "frozen: not one bit changed since it diverged"
+    single = compose_config(*FUSED[:3], "norm=none", "model.weight_scale=0.2928644564625237", "train.epochs=3")
+    assert_same_training((member_records(history, learning), states[1]), gloo_group(2).run(fit_and_keep_weights, single)[0])
 
 
 def first_batches(config: Config) -> list[torch.Tensor]:
