@@ -17,7 +17,8 @@ Cases, each at every world size (ranks are local processes started by torch's el
    as all-reduces (the measurement behind choosing all-gather).
 2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none.
 3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
-   leave, in one process (the first starts the launcher's forkserver and is reported apart).
+   leave, in one process. The process's first launch also starts the launcher's forkserver (it is
+   the first world size's first launch) and is reported apart.
 4. sweep: whole commands, start-up included: the fused sweep (``+experiment=weight_scale_sweep``,
    one job) at each world size and the per-run sweep (``-m +experiment=weight_scale_sweep_per_run``)
    at ``--per-run-world-sizes``, each followed by the plain single-process loop over the same
@@ -81,7 +82,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
-                   step_norms=["syncbn", "bn"], startup_launches=3, sweep_scales=1, sweep_epochs=1)
+                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1)
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
@@ -221,13 +222,18 @@ def startup_rank(device: str) -> int:
 
 
 def bench_startup(settings: Settings, world_size: int) -> dict:
-    """Seconds per launch of ``world_size`` ranks that join a group and leave: a job's start-up."""
-    seconds = []
+    """Seconds per launch of ``world_size`` ranks that join a group and leave: a job's start-up, with
+    the launcher's forkserver (what the trainer uses) and, interleaved, spawned ranks (each imports
+    torch itself)."""
+    seconds: dict[str, list[float]] = {"forkserver": [], "spawn": []}
     for _ in range(settings.startup_launches):
-        start = time.perf_counter()
-        distributed.launch_local(startup_rank, (settings.device,), world_size)
-        seconds.append(time.perf_counter() - start)
-    return dict(case="startup", world_size=world_size, first_seconds=seconds[0], seconds=seconds[1:])
+        for method, times in seconds.items():
+            start = time.perf_counter()
+            distributed.launch_local(startup_rank, (settings.device,), world_size,
+                                     start_method=None if method == "forkserver" else method)
+            times.append(time.perf_counter() - start)
+    return dict(case="startup", world_size=world_size, first_seconds=seconds["forkserver"][0],
+                seconds=seconds["forkserver"][1:], spawn_seconds=seconds["spawn"])
 
 
 def _sweep_scales(count: int) -> list[float]:
@@ -338,10 +344,11 @@ def step_table(results: list[dict]) -> str:
 
 
 def startup_table(results: list[dict]) -> str:
-    lines = ["| world | first launch s (starts the forkserver) | each launch after s (median) |", "|---|---|---|"]
+    lines = ["| world | forkserver: first launch s (the process's first also starts the server) | forkserver: each launch "
+             "after s (median) | spawn: each launch s (median) | spawn / forkserver |", "|---|---|---|---|---|"]
     for r in (r for r in results if r["case"] == "startup"):
-        after = f"{statistics.median(r['seconds']):.2f}" if r["seconds"] else "-"
-        lines.append(f"| {r['world_size']} | {r['first_seconds']:.2f} | {after} |")
+        forkserver, spawn = statistics.median(r["seconds"]), statistics.median(r["spawn_seconds"])
+        lines.append(f"| {r['world_size']} | {r['first_seconds']:.2f} | {forkserver:.2f} | {spawn:.2f} | {spawn / forkserver:.1f} |")
     return "\n".join(lines)
 
 

@@ -153,10 +153,12 @@ def leave_after_the_launcher_looks() -> None:
     time.sleep(5 * MONITOR_INTERVAL_S)
 
 
-def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 0) -> dict[int, Any]:
+def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 0,
+                 start_method: str | None = None) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` on ``nproc`` local ranks, as ``torchrun --standalone`` would.
 
     Returns each rank's return value; raises torch's ``ChildFailedError`` if a rank fails for good.
+    ``start_method``: the forkserver of ``warm_start_method`` unless given (the benchmark compares).
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -170,7 +172,7 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
         rdzv_endpoint="localhost:0",
         max_restarts=max_restarts,
         monitor_interval=MONITOR_INTERVAL_S,
-        start_method=warm_start_method(),
+        start_method=start_method or warm_start_method(),
     )
     return elastic_launch(config, entrypoint)(*args)
 

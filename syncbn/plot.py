@@ -70,13 +70,18 @@ def _curve(seeds: dict[int, list[dict]]) -> tuple[list[int], list[float], list[f
             [max(by_epoch[e]) for e in epochs])
 
 
+def _epochs(epochs: list[int]) -> str:
+    distinct = sorted(set(epochs))
+    return f"epoch{'s' if len(distinct) > 1 else ''} {', '.join(map(str, distinct))}"
+
+
 def _divergence_note(norm: str, seeds: dict[int, list[dict]]) -> str | None:
-    epochs = sorted(records[-1]["epoch"] for records in seeds.values() if records[-1]["diverged"])
+    epochs = [records[-1]["epoch"] for records in seeds.values() if records[-1]["diverged"]]
     if not epochs:
         return None
     if len(seeds) == 1:
         return f"{norm}: loss not finite at epoch {epochs[0]}, stopped"
-    return f"{norm}: {len(epochs)} of {len(seeds)} seeds diverged (epoch {', '.join(map(str, epochs))})"
+    return f"{norm}: {len(epochs)} of {len(seeds)} seeds diverged ({_epochs(epochs)})"
 
 
 def plot_weight_scale_sweep(rows: list[dict], path: Path) -> Path:
@@ -131,7 +136,7 @@ def _final_cell(seeds: dict[int, list[dict]] | None) -> str:
     trained = [r["train_acc"] for r in finals if not r["diverged"]]
     diverged = [r["epoch"] for r in finals if r["diverged"]]
     if not trained:
-        return f"diverged (epoch {', '.join(map(str, sorted(diverged)))})"
+        return f"diverged ({_epochs(diverged)})"
     cell = f"{statistics.mean(trained):.3f}"
     if len(trained) > 1:
         cell += f" ({min(trained):.3f}-{max(trained):.3f})"

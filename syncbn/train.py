@@ -5,7 +5,9 @@
     python -m syncbn.train dist.nproc=4                       # CPU simulation: 4 Gloo ranks here
     launch/torchrun.sh --standalone --nproc-per-node=4 -- norm=syncbn   # torchrun: NCCL on GPUs, else Gloo
     torchrun --standalone --nproc-per-node=2 -m syncbn.train hydra.run.dir=outputs/run1
-    python -m syncbn.train -m +experiment=weight_scale_sweep dist.nproc=2
+    python -m syncbn.train +experiment=weight_scale_sweep dist.nproc=2       # the sweep, as one job
+    python -m syncbn.train +experiment=weight_scale_sweep 'sweep.seeds=[0,1,2]'
+    python -m syncbn.train -m +experiment=weight_scale_sweep_per_run dist.nproc=2   # a job per network
     python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
     python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size

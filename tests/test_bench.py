@@ -27,7 +27,8 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     assert step["collectives"] == {"c10d::_allgather_base_": 10, "c10d::allreduce_": 1}, "2 per norm layer + DDP's bucket"
     assert len(step["seconds"]) == 2
     [startup] = by_case["startup"]
-    assert startup["world_size"] == 2 and startup["first_seconds"] > 0 and len(startup["seconds"]) == 2
+    assert startup["world_size"] == 2 and startup["first_seconds"] > 0
+    assert len(startup["seconds"]) == 1 and len(startup["spawn_seconds"]) == 2 and min(startup["spawn_seconds"]) > 0
     assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 2)]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
