@@ -76,13 +76,15 @@ class Settings:
     startup_launches: int = 6
     sweep_scales: int = 16
     sweep_epochs: int = 20
+    sweep_repeats: int = 3
     per_run_world_sizes: list[int] = field(default_factory=lambda: [2])
     device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
-                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1)
+                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
+                   sweep_repeats=1)
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
@@ -280,13 +282,18 @@ def sweep_commands(settings: Settings, mode: str, world_size: int, out_dir: str)
             f"model.weight_scale={','.join(map(repr, scales))}", *common, f"hydra.sweep.dir={out_dir}"]
 
 
-def bench_sweep(settings: Settings, mode: str, world_size: int) -> dict:
-    """Wall time of a sweep command, then of the plain loop's command (start-up included in both)."""
+def bench_sweep(settings: Settings, mode: str, world_size: int, repeats: int) -> dict:
+    """Wall time of a sweep command and of the plain loop's command (start-up included in both),
+    interleaved ``repeats`` times; ``seconds`` and ``plain_seconds`` are the medians."""
     plain = [sys.executable, "-m", "syncbn.bench", "--plain-sweep", "--sweep-scales", str(settings.sweep_scales),
              "--sweep-epochs", str(settings.sweep_epochs)]
-    with tempfile.TemporaryDirectory() as out_dir:
-        seconds = _timed(sweep_commands(settings, mode, world_size, out_dir))
-    return dict(case="sweep", mode=mode, world_size=world_size, seconds=seconds, plain_seconds=_timed(plain),
+    seconds, plain_seconds = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out_dir:
+            seconds.append(_timed(sweep_commands(settings, mode, world_size, out_dir)))
+        plain_seconds.append(_timed(plain))
+    return dict(case="sweep", mode=mode, world_size=world_size, seconds=statistics.median(seconds),
+                plain_seconds=statistics.median(plain_seconds), each_seconds=seconds, each_plain_seconds=plain_seconds,
                 networks=2 * settings.sweep_scales, epochs=settings.sweep_epochs)
 
 
@@ -306,8 +313,9 @@ def run(settings: Settings, argv: list[str]) -> dict:
     layer_and_step = []
     for world_size in settings.world_sizes:
         layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
-    sweeps = [bench_sweep(settings, "fused", w) for w in settings.world_sizes]
-    sweeps += [bench_sweep(settings, "per-run", w) for w in settings.per_run_world_sizes]
+    sweeps = [bench_sweep(settings, "fused", w, settings.sweep_repeats) for w in settings.world_sizes]
+    # The per-run reference once: it takes minutes, and its ratio is several times the goal's.
+    sweeps += [bench_sweep(settings, "per-run", w, 1) for w in settings.per_run_world_sizes]
     return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
                 results=layer_and_step + startup + sweeps)
@@ -353,10 +361,12 @@ def startup_table(results: list[dict]) -> str:
 
 
 def sweep_table(results: list[dict]) -> str:
-    lines = ["| mode | world | networks x epochs | sweep command s | plain loop s | ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| mode | world | networks x epochs | sweep command s (median) | plain loop s (median) | ratio | each run s "
+             "(sweep / plain) |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in results if r["case"] == "sweep"):
+        each = ", ".join(f"{s:.1f} / {p:.1f}" for s, p in zip(r["each_seconds"], r["each_plain_seconds"]))
         lines.append(f"| {r['mode']} | {r['world_size']} | {r['networks']} x {r['epochs']} | {r['seconds']:.1f} | "
-                     f"{r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.2f} |")
+                     f"{r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.2f} | {each} |")
     return "\n".join(lines)
 
 
@@ -389,6 +399,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--sweep-scales", type=int, default=defaults.sweep_scales,
                         help="weight scales in the sweep case (x 2 norms)")
     parser.add_argument("--sweep-epochs", type=int, default=defaults.sweep_epochs)
+    parser.add_argument("--sweep-repeats", type=int, default=defaults.sweep_repeats,
+                        help="interleaved runs of each fused sweep command and the plain loop (medians reported)")
     parser.add_argument("--per-run-world-sizes", type=int, nargs="*", default=defaults.per_run_world_sizes,
                         help="world sizes of the per-run sweep command (slow: a job per network)")
     parser.add_argument("--plain-sweep", action="store_true", help="only run the sweep case's plain loop, then exit")
@@ -396,6 +408,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
                         help="JSON file with every raw figure (outputs/ is git-ignored)")
     args = parser.parse_args(argv)
+    if args.sweep_repeats < 1:
+        parser.error(f"--sweep-repeats must be at least 1, got {args.sweep_repeats}")
     if args.startup_launches < 2:
         parser.error(f"--startup-launches must be at least 2 (the first starts the forkserver), got {args.startup_launches}")
     values = {k: v for k, v in vars(args).items() if k not in ("quick", "out", "plain_sweep")}
