@@ -14,14 +14,18 @@ the input gradient in closed form, again as one fused pass plus one ``addcmul``.
 All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.6-3x at 2
 ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
 input needs no gradient, backward needs no collective (weight and bias gradients are local shares).
+
+The same code compiles with ``torch.compile(fullgraph=True)``: no ``.item()`` or data-dependent
+branch on the traced path, and where tracing needs another op (the collective, the moments, the
+single-value check) ``torch.compiler.is_compiling()`` picks it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 # torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -52,30 +56,52 @@ def local_moments(x: torch.Tensor) -> torch.Tensor:
     count = values_per_channel(x)
     if count == 0:
         return torch.zeros(2 * x.size(1) + 1, dtype=torch.float64, device=x.device)
-    # BatchNorm's own statistics kernel (CPU and CUDA): mean and biased variance, 3-20x faster
-    # than torch.var_mean over the (N, *) dimensions, and just as stable.
-    mean, var = torch.batch_norm_update_stats(_cast(x, stat_dtype(x.dtype)), None, None, 0.0)
+    x = _cast(x, stat_dtype(x.dtype))
+    if torch.compiler.is_compiling():
+        # batch_norm_update_stats has no meta kernel to trace; inductor fuses this into one pass.
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+    else:
+        # BatchNorm's own statistics kernel (CPU and CUDA): mean and biased variance, 3-20x faster
+        # than torch.var_mean over the (N, *) dimensions, and just as stable.
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     return torch.cat([mean.new_full((1,), count), mean, var]).to(torch.float64)
 
 
-def merge_moments(gathered: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global count, mean, biased var.
+def merge_moments(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global count (a float64 scalar
+    tensor: no ``.item()``, so the same code compiles without a graph break), mean, biased var.
+    With no value anywhere the mean and variance are 0.
 
     Chan et al.: M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, never a difference of large sums.
     """
     channels = (gathered.size(1) - 1) // 2
     counts, means, variances = gathered.split([1, channels, channels], dim=1)
-    total = int(counts.sum().item())
-    if total == 0:
-        return 0, means.new_zeros(channels), means.new_zeros(channels)
-    weights = counts.T / total
+    total = counts.sum()
+    weights = counts.T / total.clamp(min=1)
     mean = weights @ means
     deviation = means - mean
     return total, mean[0], (weights @ (variances + deviation * deviation))[0]
 
 
+def group_count(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
+    """The group's values per channel, after BatchNorm's check that there is more than one. Eager:
+    a Python int, and a ValueError as torch's. Compiled: the tensor itself, and the same check as an
+    assertion inside the graph (no data-dependent branch, so no graph break), raised when it runs."""
+    if torch.compiler.is_compiling():  # the graph's message is a constant: no shapes in it
+        torch._assert_async(total != 1, "Expected more than 1 value per channel when training, got 1 value per "
+                                         "channel in the whole group")
+        return total
+    count = int(total.item())
+    if count == 1:
+        raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
+    return count
+
+
 def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup, phase: str) -> torch.Tensor:
     world_size = dist.get_world_size(group)
+    if torch.compiler.is_compiling():
+        # Traced as a functional collective: inside the graph, ordered by its data dependences.
+        return funcol.all_gather_tensor(packed, 0, group).view(world_size, -1)
     out = packed.new_empty(world_size * packed.numel())
     try:
         _all_gather_single(out, packed, group=group)
@@ -94,11 +120,19 @@ def _update_running_stats(
     running_var: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
-    count: int,
+    count: torch.Tensor | int,
     momentum: float,
 ) -> None:
-    """As ``nn.BatchNorm``: ``r = (1 - m) r + m s``, with the unbiased variance of the global batch."""
-    if running_mean is None or running_var is None:
+    """As ``nn.BatchNorm``: ``r = (1 - m) r + m s``, with the unbiased variance of the global batch.
+    Nothing changes where the group had no value. ``count`` is a tensor when compiling: then the
+    momentum is 0 there instead of a branch (and float64, like the statistics)."""
+    if running_mean is None or running_var is None or (isinstance(count, int) and count == 0):
+        return
+    if isinstance(count, torch.Tensor):
+        momentum = (count > 0).to(count.dtype) * momentum
+        unbiased = var * (count / (count - 1))
+        running_mean.mul_(_cast(1 - momentum, running_mean.dtype)).add_(_cast(mean * momentum, running_mean.dtype))
+        running_var.mul_(_cast(1 - momentum, running_var.dtype)).add_(_cast(unbiased * momentum, running_var.dtype))
         return
     unbiased = var * (count / (count - 1))
     running_mean.mul_(1 - momentum).add_(_cast(mean, running_mean.dtype), alpha=momentum)
@@ -111,36 +145,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
         gathered = _all_gather(local_moments(x), group, "forward")
-        count, mean, var = merge_moments(gathered)
-        if count == 1:
-            raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
-        ctx.count, ctx.eps, ctx.group = count, eps, group
+        total, mean, var = merge_moments(gathered)
+        count = group_count(total, x)
+        ctx.eps, ctx.group = eps, group
         ctx.weight_dtype = None if weight is None else weight.dtype
-        if count == 0:
-            ctx.save_for_backward(x, weight, mean, var)
-            return torch.empty_like(x)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         dtype = stat_dtype(x.dtype)
         mean, var = _cast(mean, dtype), _cast(var, dtype)
-        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_backward(x, weight, mean, var, total)
+        # Even on a rank with no values: the output must depend on the gathered statistics, or a
+        # compiler would drop the all-gather there as dead code and its peers would wait forever.
         return F.batch_norm(x, mean, var, _cast(weight, dtype), _cast(bias, dtype), False, 0.0, eps)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, mean, var = ctx.saved_tensors
+        x, weight, mean, var, count = ctx.saved_tensors  # count: the group's, a float64 scalar
         channels = x.size(1)
         sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
         grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         grad_input = None
-        if ctx.needs_input_grad[0] and ctx.count == 0:
-            grad_input = torch.empty_like(x)
-        elif ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
+            # Every rank gathers, even one with no values: its peers may have some.
             total = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward").sum(0)
-            grad_input = _grad_input(
-                grad_out, x, weight, mean, var, ctx.eps, total[:channels] / ctx.count, total[channels:] / ctx.count
-            )
+            total = total / count.clamp(min=1).to(total.dtype)
+            grad_input = _grad_input(grad_out, x, weight, mean, var, ctx.eps, total[:channels], total[channels:])
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -163,9 +192,7 @@ def _grad_input(grad_out, x, weight, mean, var, eps, mean_dy, mean_dy_xhat) -> t
     weight ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory
     format; ``addcmul_`` then adds ``a * dy`` in place.
     """
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    scale = torch.rsqrt(var + eps)
+    scale = torch.rsqrt(var + eps)  # also for no values here: the gathered sums must be used (see forward)
     if weight is not None:
         scale = scale * _cast(weight, scale.dtype)
     grad_input = F.batch_norm(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, False, 0.0, eps)

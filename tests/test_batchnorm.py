@@ -93,21 +93,25 @@ def _state(layer: nn.Module) -> dict:
     }
 
 
-def run_layer_on_rank(case: Case) -> dict:
-    """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step."""
+def run_layer_on_rank(case: Case, compiled: bool = False) -> dict:
+    """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step;
+    ``compiled``: through ``torch.compile(fullgraph=True)`` (which raises on any graph break)."""
     rank = dist.get_rank()
     layer = case.make(SyncBatchNorm)
+    if compiled:
+        torch._dynamo.reset()  # a new case, a new cache: dynamo allows 8 compiles of one forward
+    model = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer
     outputs, input_grads, formats_kept = [], [], []
     for x_global, dy_global in case.global_batches():
         x = case.local(x_global, rank).requires_grad_()
-        y = layer(x)
+        y = model(x)
         y.backward(case.local(dy_global, rank))
         outputs.append(y.detach())
         input_grads.append(x.grad)
         formats_kept.append(y.is_contiguous(memory_format=case.memory_format))
     layer.eval()
     with torch.no_grad():
-        eval_out = layer(case.local(case.eval_batch(), rank, sizes=(3,) * len(case.sizes)))
+        eval_out = model(case.local(case.eval_batch(), rank, sizes=(3,) * len(case.sizes)))
     return dict(outputs=outputs, input_grads=input_grads, formats_kept=formats_kept, eval_out=eval_out,
                 **_state(layer))
 

@@ -1,0 +1,66 @@
+"""The benchmark's report: a markdown table per case, from ``python -m syncbn.bench``'s results."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def layer_table(results: list[dict]) -> str:
+    lines = ["| world | shape | syncbn ms | local BN ms | syncbn / BN | floor ms: 2 all-gathers | same as all-reduces "
+             "| (syncbn - BN) / floor | BN + 2 all-gathers ms | syncbn / (BN + all-gathers) | collectives per fwd+bwd "
+             "| torch SyncBN ms |", "|---" * 12 + "|"]
+    for r in (r for r in results if r["case"] == "layer"):
+        s = {name: statistics.median(v) for name, v in r["seconds"].items()}
+        floor = s.get("floor_allgather")
+        cells = [r["world_size"], r["shape"], _ms(s["syncbn"]), _ms(s["local_bn"]), f"{s['syncbn'] / s['local_bn']:.2f}"]
+        if floor:
+            cells += [_ms(floor), _ms(s["floor_allreduce"]), f"{(s['syncbn'] - s['local_bn']) / floor:.2f}",
+                      _ms(s["bn_with_gathers"]), f"{s['syncbn'] / s['bn_with_gathers']:.2f}"]
+        else:
+            cells += ["-"] * 5
+        cells += [sum(r["collectives"].values()), _ms(s["torch_syncbn"]) if "torch_syncbn" in s else "-"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def step_table(results: list[dict]) -> str:
+    lines = ["| world | norm | ms per step | collectives per step |", "|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "step"):
+        counts = ", ".join(f"{n.removeprefix('c10d::')} x{c}" for n, c in sorted(r["collectives"].items()))
+        lines.append(f"| {r['world_size']} | {r['norm']} | {_ms(statistics.median(r['seconds']))} | {counts} |")
+    return "\n".join(lines)
+
+
+def startup_table(results: list[dict]) -> str:
+    lines = ["| world | forkserver: first launch s (the process's first also starts the server) | forkserver: each launch "
+             "after s (median) | spawn: each launch s (median) | spawn / forkserver |", "|---|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "startup"):
+        forkserver, spawn = statistics.median(r["seconds"]), statistics.median(r["spawn_seconds"])
+        lines.append(f"| {r['world_size']} | {r['first_seconds']:.2f} | {forkserver:.2f} | {spawn:.2f} | {spawn / forkserver:.1f} |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| mode | world | networks x epochs | sweep command s (median) | plain loop s (median) | ratio | each run s "
+             "(sweep / plain) |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "sweep"):
+        each = ", ".join(f"{s:.1f} / {p:.1f}" for s, p in zip(r["each_seconds"], r["each_plain_seconds"]))
+        lines.append(f"| {r['mode']} | {r['world_size']} | {r['networks']} x {r['epochs']} | {r['seconds']:.1f} | "
+                     f"{r['plain_seconds']:.1f} | {r['seconds'] / r['plain_seconds']:.2f} | {each} |")
+    return "\n".join(lines)
+
+
+def report(report_data: dict) -> str:
+    results = report_data["results"]
+    m = report_data["machine"]
+    return "\n\n".join([
+        f"`{report_data['command']}` on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {report_data['backend']}",
+        "Layer, forward + backward, float32:\n\n" + layer_table(results),
+        "DDP training step of the 5x100 MLP, global batch 100:\n\n" + step_table(results),
+        "Rank start-up per job:\n\n" + startup_table(results),
+        "Weight-scale sweep end to end:\n\n" + sweep_table(results),
+    ])
