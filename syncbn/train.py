@@ -11,6 +11,7 @@
     python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
     python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size
+    python -m syncbn.train train.compile=true dist.nproc=2    # torch.compile the DDP model
     python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
 
 Ctrl-C (or SIGTERM) stops every rank and prints where to resume, exit status 130 (143).
@@ -25,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -80,6 +82,9 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
     if that is so."""
     validate(config, world_size)
     distributed.check(config.dist)
+    if config.train.compile and not any(map(shutil.which, ("c++", "g++", "clang++"))):
+        raise ConfigError("train.compile=true needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ "
+                          "on PATH): none found")
     train_set, _ = data.load(config.data)
     validate_batches(config, world_size, len(train_set))
     state = checkpoint.load(run_dir) if config.train.resume else None

@@ -168,6 +168,9 @@ class Training:
         sync_buffers = any(member.norm == "bn" for member in self.members)
         self.model = wrap_ddp(build_network(config), ctx.device, sync_buffers)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
+        # What runs the batches: the DDP model, or its compiled form (the same parameters and
+        # buffers: checkpoints and metrics read self.model either way).
+        self.forward = torch.compile(self.model) if config.train.compile else self.model
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
@@ -253,7 +256,7 @@ class Training:
         totals = self._epoch_totals()
         for images, labels in itertools.islice(self.loader, progress.step, None):
             images, labels = images.to(self.ctx.device, self.dtype, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
-            losses = member_losses(member_logits(self.model(images)), labels)
+            losses = member_losses(member_logits(self.forward(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             self.optimizer.step()
@@ -275,8 +278,8 @@ class Training:
         batch, size = self.config.train.eval_batch_size, len(self.members)
         local = torch.cat([
             totals,
-            count_correct(self.model, self.train_set, self.ctx, batch, self.dtype),
-            count_correct(self.model, self.test_set, self.ctx, batch, self.dtype),
+            count_correct(self.forward, self.train_set, self.ctx, batch, self.dtype),
+            count_correct(self.forward, self.test_set, self.ctx, batch, self.dtype),
         ])
         loss_sums, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).split(
             [size, 1, size, 1, size, 1])

@@ -290,6 +290,15 @@ def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, override
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys, tmp_path):
+    from syncbn import train
+
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and err.strip() == "syncbn.train: error: train.compile=true needs a C++ compiler for " \
+        "torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
+
+
 def test_a_run_directory_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
     (tmp_path / "file").write_text("")
     code, err = cli(monkeypatch, capsys, f"hydra.run.dir={tmp_path / 'file' / 'run'}")

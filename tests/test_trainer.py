@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from app import compose_config, read_metrics, strip
+from test_compile import COMPILER
 
 from syncbn import trainer
 from syncbn.checkpoint import CheckpointError
@@ -231,3 +232,11 @@ def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo
     messages = gloo_group(2).run(start_from, more, [shared, other])
     assert messages[0] == messages[1] and messages[0].startswith(
         "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
+
+
+@pytest.mark.skipif(COMPILER is None, reason="torch.compile's inductor needs a C++ compiler on CPU: none found")
+def test_a_compiled_run_trains_the_same_as_eager(gloo_group):
+    """train.compile=true at 2 ranks, float64: the eager run's accuracies, losses and weights (1e-9)."""
+    eager = gloo_group(2).run(fit_and_keep_weights, compose_config(*FLOAT64[1:], "train.epochs=2"))[0]
+    compiled = gloo_group(2).run(fit_and_keep_weights, compose_config(*FLOAT64[1:], "train.epochs=2", "train.compile=true"))[0]
+    assert_same_training(eager, compiled)
