@@ -85,6 +85,9 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
     if config.train.compile and not any(map(shutil.which, ("c++", "g++", "clang++"))):
         raise ConfigError("train.compile=true needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ "
                           "on PATH): none found")
+    if config.train.compile and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        raise ConfigError("train.compile=true cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses "
+                          "ATen's vector code, which that level leaves out")
     train_set, _ = data.load(config.data)
     validate_batches(config, world_size, len(train_set))
     state = checkpoint.load(run_dir) if config.train.resume else None

@@ -299,6 +299,13 @@ def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys, tmp_pat
         "torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
 
 
+def test_compile_on_atens_portable_kernels_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and err.strip() == "syncbn.train: error: train.compile=true cannot build with " \
+        "ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that level leaves out"
+
+
 def test_a_run_directory_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
     (tmp_path / "file").write_text("")
     code, err = cli(monkeypatch, capsys, f"hydra.run.dir={tmp_path / 'file' / 'run'}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from app import compose_config, read_metrics, strip
-from test_compile import COMPILER
+from test_compile import CANNOT_COMPILE
 
 from syncbn import trainer
 from syncbn.checkpoint import CheckpointError
@@ -234,7 +234,7 @@ def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo
         "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
 
 
-@pytest.mark.skipif(COMPILER is None, reason="torch.compile's inductor needs a C++ compiler on CPU: none found")
+@pytest.mark.skipif(CANNOT_COMPILE is not None, reason=CANNOT_COMPILE or "")
 def test_a_compiled_run_trains_the_same_as_eager(gloo_group):
     """train.compile=true at 2 ranks, float64: the eager run's accuracies, losses and weights (1e-9)."""
     eager = gloo_group(2).run(fit_and_keep_weights, compose_config(*FLOAT64[1:], "train.epochs=2"))[0]
