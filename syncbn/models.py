@@ -152,11 +152,15 @@ class MemberMLP(nn.Module):
         self.model_config, self.norm_config = model, norm
         with torch.no_grad():
             for index, member in enumerate(self.members):
-                self._copy_standalone(index, member, model, norm)
+                torch.manual_seed(member.seed)
+                self._copy_standalone(index, self._standalone(member))
 
-    def _copy_standalone(self, index: int, member: Member, model: ModelConfig, norm: NormConfig) -> None:
-        torch.manual_seed(member.seed)
-        network = make_mlp(replace(model, weight_scale=member.weight_scale), replace(norm, name=member.norm))
+    def _standalone(self, member: Member) -> nn.Sequential:
+        """The network a single run of ``member`` builds (drawing its weights from the global RNG)."""
+        return make_mlp(replace(self.model_config, weight_scale=member.weight_scale),
+                        replace(self.norm_config, name=member.norm))
+
+    def _copy_standalone(self, index: int, network: nn.Sequential) -> None:
         linears = [layer for layer in network if isinstance(layer, nn.Linear)]
         for weight, bias, linear in zip(self.weights, self.biases, linears, strict=True):
             weight[index].copy_(linear.weight.T)
@@ -169,9 +173,7 @@ class MemberMLP(nn.Module):
         member = self.members[index]
         block = next(b for b, (_, start, stop) in enumerate(self.blocks) if start <= index < stop)
         row = index - self.blocks[block][1]
-        network = make_mlp(replace(self.model_config, weight_scale=member.weight_scale),
-                           replace(self.norm_config, name=member.norm))
-        network.to(self.weights[0].dtype)
+        network = self._standalone(member).to(self.weights[0].dtype)
         linears = [layer for layer in network if isinstance(layer, nn.Linear)]
         for weight, bias, linear in zip(self.weights, self.biases, linears, strict=True):
             linear.weight.copy_(weight[index].T)

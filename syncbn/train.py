@@ -82,12 +82,9 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
     if that is so."""
     validate(config, world_size)
     distributed.check(config.dist)
-    if config.train.compile and not any(map(shutil.which, ("c++", "g++", "clang++"))):
-        raise ConfigError("train.compile=true needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ "
-                          "on PATH): none found")
-    if config.train.compile and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        raise ConfigError("train.compile=true cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses "
-                          "ATen's vector code, which that level leaves out")
+    problem = cannot_compile() if config.train.compile else None
+    if problem:
+        raise ConfigError(f"train.compile=true {problem}")
     train_set, _ = data.load(config.data)
     validate_batches(config, world_size, len(train_set))
     state = checkpoint.load(run_dir) if config.train.resume else None
@@ -95,6 +92,16 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
         return None
     checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
+
+
+def cannot_compile() -> str | None:
+    """Why torch.compile's inductor cannot build on this CPU process, or None if it can."""
+    if not any(map(shutil.which, ("c++", "g++", "clang++"))):
+        return "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        return ("cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that "
+                "level leaves out")
+    return None
 
 
 def owns_run_dir() -> bool:

@@ -309,7 +309,8 @@ class Training:
                 progress.diverged.append(index)
         progress.history += records
         self.metrics.append(records)
-        self.frozen = FrozenMembers(self.model.module, progress.diverged, len(self.members))
+        if any(record["diverged"] for record in records):
+            self.frozen = FrozenMembers(self.model.module, progress.diverged, len(self.members))
         # When every member has diverged there is nothing more to learn: mark the run finished, so a
         # resume does not retrain it.
         finished = len(progress.diverged) == len(self.members)

@@ -4,22 +4,16 @@ the eager layer gives. Each case compiles a few small graphs once (a few seconds
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 import torch.distributed as dist
 from test_batchnorm import EXACT, SHAPES, SPLITS, Case, assert_matches_reference, reference, run_layer_on_rank
 
 from syncbn import SyncBatchNorm
+from syncbn.train import cannot_compile
 
-COMPILER = next((path for path in map(shutil.which, ("c++", "g++", "clang++")) if path), None)
-# Inductor's C++ uses ATen's vector types, which ATEN_CPU_CAPABILITY=default leaves out (seen in CI:
-# "'at::vec' has not been declared"); syncbn.train refuses train.compile there in one line.
-CANNOT_COMPILE = ("torch.compile's inductor needs a C++ compiler on CPU: none found" if COMPILER is None else
-                  "ATEN_CPU_CAPABILITY=default: inductor's C++ cannot build" if os.environ.get("ATEN_CPU_CAPABILITY") == "default"
-                  else None)
+# No C++ compiler, or ATEN_CPU_CAPABILITY=default (seen in CI: "'at::vec' has not been declared").
+CANNOT_COMPILE = cannot_compile()
 pytestmark = pytest.mark.skipif(CANNOT_COMPILE is not None, reason=CANNOT_COMPILE or "")
 
 CASES = {  # shape, per-rank batch sizes, momentum, affine
