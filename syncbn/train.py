@@ -98,9 +98,13 @@ def cannot_compile() -> str | None:
     """Why torch.compile's inductor cannot build on this CPU process, or None if it can."""
     if not any(map(shutil.which, ("c++", "g++", "clang++"))):
         return "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability == "default":
         return ("cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that "
                 "level leaves out")
+    if capability:  # measured: avx2 on this AVX-512 machine, a compiled float64 run's loss went non-finite
+        return (f"is not reliable with ATEN_CPU_CAPABILITY={capability}: inductor's C++ does not follow it "
+                "(unset it to compile)")
     return None
 
 
