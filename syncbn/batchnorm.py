@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.functional import sync_batch_norm
 
+_DISTRIBUTED = dist.is_available()
 _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
     3: nn.BatchNorm1d,
@@ -32,17 +33,18 @@ _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
 
 
 def _check_input(layer: _BatchNorm, input: torch.Tensor) -> None:
+    if input.dim() >= 2 and input.size(1) == layer.num_features:  # the common case, checked once
+        return
     name = type(layer).__name__
     if input.dim() < 2:
         raise ValueError(
             f"{name} expects input of shape (N, C, *) with at least 2 dimensions, "
             f"got a {input.dim()}D input of shape {tuple(input.shape)}"
         )
-    if input.size(1) != layer.num_features:
-        raise ValueError(
-            f"{name}({layer.num_features}) expects {layer.num_features} channels in dim 1, "
-            f"got input of shape {tuple(input.shape)} with {input.size(1)} channels"
-        )
+    raise ValueError(
+        f"{name}({layer.num_features}) expects {layer.num_features} channels in dim 1, "
+        f"got input of shape {tuple(input.shape)} with {input.size(1)} channels"
+    )
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -78,11 +80,6 @@ class SyncBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         _check_input(self, input)
 
-    def _group_size(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if input.dim() != self.last_input_dim:  # nn.Module.__setattr__ costs microseconds per call
@@ -91,14 +88,24 @@ class SyncBatchNorm(_BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        if self.training and batch_stats and self._group_size() > 1:
-            group = self.process_group or dist.group.WORLD
+        if not self.training:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.running_mean is None and self.running_var is None, momentum, self.eps)
+        running_mean, running_var = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        group = self._group()
+        # Compiled, the cumulative average's momentum 1/n is a traced value, which F.batch_norm
+        # cannot take without a graph break (pytorch/pytorch#194504); the synchronized core can.
+        alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
+        if group is not None or alone_compiled:
             return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum, self.eps)
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
+
+    def _group(self) -> dist.ProcessGroup | None:
+        """The group of more than one rank whose batches the training statistics span, or None: no
+        group, a group of one, or a rank outside ``process_group``. (``ProcessGroup.size()`` rather
+        than ``dist.get_world_size``: a third of the cost, which a group of one pays on every call.)"""
+        group = (self.process_group or dist.group.WORLD) if _DISTRIBUTED else None
+        return group if isinstance(group, dist.ProcessGroup) and group.size() > 1 else None
 
 
 class GhostBatchNorm(_BatchNorm):

@@ -7,23 +7,25 @@
 
 Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
 in the same run, interleaved (A B C A B C ...), after the same warm-up, hold. Each figure is the
-median over repeats of the slowest rank's time per call (each repeat times ``iters`` calls).
+median over repeats of the slowest rank's time per call (a repeat: at least ``iters`` calls and
+``sample_ms``).
 
 Cases, each at every world size (ranks are local processes started by torch's elastic launcher):
 1. layer: forward + backward of one norm layer, float32, per-rank shapes (25, 100), (100, 100),
    (8, 64, 32, 32) and the same in channels_last. Contenders: ``syncbn.SyncBatchNorm``; local
-   ``nn.BatchNorm`` on the same input (the compute floor); ``nn.SyncBatchNorm`` where CUDA is present;
-   and the communication floor: the two bare all-gathers of the layer's packed payloads, also timed
-   as all-reduces (the measurement behind choosing all-gather).
-2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none.
+   ``nn.BatchNorm`` on the same input (the compute floor); both again under
+   ``torch.compile(fullgraph=True)``; ``nn.SyncBatchNorm`` where CUDA is present; and the
+   communication floor: the two bare all-gathers of the layer's packed payloads (also timed as
+   all-reduces, the measurement behind choosing all-gather), and local BN with them in place.
+2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none,
+   eager and ``torch.compile``d (as ``train.compile=true``).
 3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
    leave, in one process. The process's first launch also starts the launcher's forkserver (it is
    the first world size's first launch) and is reported apart.
-4. sweep: whole commands, start-up included: the fused sweep (``+experiment=weight_scale_sweep``,
-   one job) at each world size and the per-run sweep (``-m +experiment=weight_scale_sweep_per_run``)
-   at ``--per-run-world-sizes``, each followed by the plain single-process loop over the same
-   networks and epochs (``--plain-sweep``: ``nn.BatchNorm1d`` or no norm, no DDP, one network after
-   another, evaluated on the 1000 training and 4000 test digits every epoch).
+4. sweep (``syncbn/bench_sweep.py``): whole commands, start-up included: the fused sweep at each
+   world size and the per-run sweep at ``--per-run-world-sizes``, each followed by the plain
+   single-process loop over the same networks and epochs (``--plain-sweep``).
+Compile times are each compiled contender's first call, with a cold inductor cache.
 Collectives per step are counted by the profiler (every ``c10d::`` op), not assumed.
 """
 
@@ -31,10 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,20 +43,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from syncbn import distributed
-from syncbn.bench_tables import report
 from syncbn.batchnorm import SyncBatchNorm
+from syncbn.bench_sweep import bench_sweep, plain_sweep
+from syncbn.bench_tables import report
 from syncbn.config import DistConfig, ModelConfig, NormConfig
-from syncbn.data import load_mnist5k
 from syncbn.functional import _all_gather_single
 from syncbn.models import make_mlp
-from syncbn.trainer import wrap_ddp
+from syncbn.trainer import cannot_compile, compile_quietly, wrap_ddp
 
 LAYER_SHAPES = {
     "(25,100)": ((25, 100), torch.contiguous_format),
@@ -71,8 +71,10 @@ class Settings:
     world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     shapes: list[str] = field(default_factory=lambda: list(LAYER_SHAPES))
     warmup: int = 10
-    repeats: int = 15
+    repeats: int = 21
     iters: int = 20
+    sample_ms: float = 50.0
+    compile: bool = True
     step_norms: list[str] = field(default_factory=lambda: list(STEP_NORMS))
     startup_launches: int = 6
     sweep_scales: int = 16
@@ -84,27 +86,58 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
-                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
+                   sample_ms=5.0, step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
                    sweep_repeats=1)
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
-    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved A B C ...)."""
-    for fn in contenders.values():
-        for _ in range(settings.warmup):
-            fn()
+    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved A B C ...).
+    A sample is at least ``iters`` calls and at least ``sample_ms`` long (a 0.1 ms call timed 20
+    times would be a 2 ms sample, at the scheduler's mercy), as the warm-up's pace says."""
+    calls = _calls_per_sample(contenders, settings, device)
     local = torch.zeros(len(contenders), settings.repeats, dtype=torch.float64)
     for repeat in range(settings.repeats):
         for index, fn in enumerate(contenders.values()):
             dist.barrier()
             _sync(device)
             start = time.perf_counter()
-            for _ in range(settings.iters):
+            for _ in range(calls[index]):
                 fn()
             _sync(device)
-            local[index, repeat] = (time.perf_counter() - start) / settings.iters
+            local[index, repeat] = (time.perf_counter() - start) / calls[index]
     dist.all_reduce(local, op=dist.ReduceOp.MAX)
     return {name: local[index].tolist() for index, name in enumerate(contenders)}
+
+
+def _calls_per_sample(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> list[int]:
+    """Run the warm-up; from its pace (the slowest rank's), the calls per timed sample."""
+    seconds = torch.zeros(len(contenders), dtype=torch.float64)
+    for index, fn in enumerate(contenders.values()):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(settings.warmup):
+            fn()
+        _sync(device)
+        seconds[index] = (time.perf_counter() - start) / max(settings.warmup, 1)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return [max(settings.iters, math.ceil(settings.sample_ms / 1e3 / max(s, 1e-9))) for s in seconds.tolist()]
+
+
+def first_calls(contenders: dict[str, Callable[[], None]], device: torch.device) -> dict:
+    """Seconds of each contender's first call, the slowest rank's: for a compiled one, its compile time."""
+    seconds = torch.zeros(len(contenders), dtype=torch.float64)
+    for index, fn in enumerate(contenders.values()):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds[index] = time.perf_counter() - start
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return dict(zip(contenders, seconds.tolist()))
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    return compile_quietly(module, fullgraph=True, dynamic=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -171,51 +204,77 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
     gen = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(shape, generator=gen).to(ctx.device, memory_format=memory_format).requires_grad_()
     grad = torch.randn(shape, generator=gen).to(ctx.device, memory_format=memory_format)
-    plain = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](channels).to(ctx.device)
+    plain_class = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)]
+    plain = plain_class(channels).to(ctx.device)
     payloads = _payloads(channels, ctx.device)
     contenders = {
         "syncbn": _layer_pass(SyncBatchNorm(channels).to(ctx.device), x, grad),
         "local_bn": _layer_pass(plain, x, grad),
     }
+    compiled = {}
+    if settings.compile:
+        torch._dynamo.reset()  # this shape's compile time is its own
+        compiled = {
+            "syncbn_compiled": _layer_pass(_compiled(SyncBatchNorm(channels).to(ctx.device)), x, grad),
+            "local_bn_compiled": _layer_pass(_compiled(plain_class(channels).to(ctx.device)), x, grad),
+        }
     if ctx.device.type == "cuda" and ctx.world_size > 1:
         contenders["torch_syncbn"] = _layer_pass(nn.SyncBatchNorm(channels).to(ctx.device), x, grad)
     if ctx.world_size > 1:
         contenders["floor_allgather"] = _gather_floor(payloads, ctx.world_size)
         contenders["floor_allreduce"] = _reduce_floor(payloads)
         contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads, ctx.world_size)
+    compile_seconds = first_calls(compiled, ctx.device)
     return dict(
         case="layer", shape=name, world_size=ctx.world_size,
-        seconds=time_interleaved(contenders, settings, ctx.device),
+        seconds=time_interleaved(contenders | compiled, settings, ctx.device),
+        compile_seconds=compile_seconds,
         collectives=_collectives_per_call(contenders["syncbn"]),
     )
 
 
 def bench_step(norm: str, settings: Settings, ctx: distributed.DistContext) -> dict:
-    torch.manual_seed(0)
-    ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), ctx.device, norm == "bn")
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    """The trainer's step, eager and (a second DDP model with the same weights) ``torch.compile``d,
+    as ``train.compile=true`` runs it."""
     batch = 100 // ctx.world_size
     images = torch.rand(batch, 1, 28, 28, device=ctx.device)
     labels = torch.randint(0, 10, (batch,), device=ctx.device)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(images), labels).backward()
-        optimizer.step()
+    def step_of(compile: bool) -> Callable[[], None]:
+        torch.manual_seed(0)
+        ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), ctx.device, norm == "bn")
+        forward = compile_quietly(ddp) if compile else ddp
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
 
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(images), labels).backward()
+            optimizer.step()
+
+        return step
+
+    contenders = {"eager": step_of(False)}
+    compiled = {}
+    if settings.compile:
+        torch._dynamo.reset()
+        compiled = {"compiled": step_of(True)}
     return dict(
         case="step", norm=norm, world_size=ctx.world_size,
-        seconds=time_interleaved({norm: step}, settings, ctx.device)[norm],
-        collectives=_collectives_per_call(step),
+        compile_seconds=first_calls(compiled, ctx.device).get("compiled"),
+        seconds=time_interleaved(contenders | compiled, settings, ctx.device),
+        collectives=_collectives_per_call(contenders["eager"]),
     )
 
 
 def bench_rank(settings: Settings) -> list[dict]:
-    """One rank of the layer and step cases; every rank returns the same (max-over-ranks) figures."""
+    """One rank of the layer and step cases; every rank returns the same (max-over-ranks) figures.
+    Compile times are cold: inductor's cache is a new directory (unless TORCHINDUCTOR_CACHE_DIR says)."""
     distributed.share_cpu_threads()
-    with distributed.process_group(DistConfig(device=settings.device, timeout_s=120)) as ctx:
-        results = [bench_layer(name, settings, ctx) for name in settings.shapes]
-        results += [bench_step(norm, settings, ctx) for norm in settings.step_norms]
+    with tempfile.TemporaryDirectory(prefix="syncbn-bench-inductor-") as cache:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        with distributed.process_group(DistConfig(device=settings.device, timeout_s=300)) as ctx:
+            results = [bench_layer(name, settings, ctx) for name in settings.shapes]
+            results += [bench_step(norm, settings, ctx) for norm in settings.step_norms]
     return results
 
 
@@ -237,65 +296,6 @@ def bench_startup(settings: Settings, world_size: int) -> dict:
             times.append(time.perf_counter() - start)
     return dict(case="startup", world_size=world_size, first_seconds=seconds["forkserver"][0],
                 seconds=seconds["forkserver"][1:], spawn_seconds=seconds["spawn"])
-
-
-def _sweep_scales(count: int) -> list[float]:
-    return [float(v) for v in np.logspace(0, -4, 16)[:: max(1, 16 // count)][:count]]
-
-
-def plain_sweep(scales: int, epochs: int) -> None:
-    """The baseline: one process, plain nn.BatchNorm1d / no norm, the same models and data, no DDP,
-    one network after another, evaluated on the training and test digits every epoch."""
-    train, test = load_mnist5k(1000, split_seed=0)
-    images, labels = train.tensors
-    for norm in ("bn", "none"):
-        for scale in _sweep_scales(scales):
-            torch.manual_seed(0)
-            model = make_mlp(ModelConfig(weight_scale=scale), NormConfig(name=norm, eps=1e-6))
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-            for epoch in range(epochs):
-                order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
-                model.train()
-                for batch in order.split(100):
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(images[batch]), labels[batch]).backward()
-                    optimizer.step()
-                model.eval()
-                with torch.no_grad():
-                    for dataset in (train, test):
-                        (model(dataset.tensors[0]).argmax(1) == dataset.tensors[1]).double().mean().item()
-
-
-def _timed(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - start
-
-
-def sweep_commands(settings: Settings, mode: str, world_size: int, out_dir: str) -> list[str]:
-    """The trainer's sweep command over ``settings``' networks and epochs: fused or per run."""
-    scales = _sweep_scales(settings.sweep_scales)
-    common = [f"train.epochs={settings.sweep_epochs}", f"dist.nproc={world_size}"]
-    if mode == "fused":
-        return [sys.executable, "-m", "syncbn.train", "+experiment=weight_scale_sweep",
-                f"sweep.weight_scales=[{','.join(map(repr, scales))}]", *common, f"hydra.run.dir={out_dir}"]
-    return [sys.executable, "-m", "syncbn.train", "-m", "+experiment=weight_scale_sweep_per_run",
-            f"model.weight_scale={','.join(map(repr, scales))}", *common, f"hydra.sweep.dir={out_dir}"]
-
-
-def bench_sweep(settings: Settings, mode: str, world_size: int, repeats: int) -> dict:
-    """Wall time of a sweep command and of the plain loop's command (start-up included in both),
-    interleaved ``repeats`` times; ``seconds`` and ``plain_seconds`` are the medians."""
-    plain = [sys.executable, "-m", "syncbn.bench", "--plain-sweep", "--sweep-scales", str(settings.sweep_scales),
-             "--sweep-epochs", str(settings.sweep_epochs)]
-    seconds, plain_seconds = [], []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as out_dir:
-            seconds.append(_timed(sweep_commands(settings, mode, world_size, out_dir)))
-        plain_seconds.append(_timed(plain))
-    return dict(case="sweep", mode=mode, world_size=world_size, seconds=statistics.median(seconds),
-                plain_seconds=statistics.median(plain_seconds), each_seconds=seconds, each_plain_seconds=plain_seconds,
-                networks=2 * settings.sweep_scales, epochs=settings.sweep_epochs)
 
 
 def machine() -> dict:
@@ -332,7 +332,11 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=defaults.shapes)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per contender")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed samples per contender")
-    parser.add_argument("--iters", type=int, default=defaults.iters, help="calls per timed sample")
+    parser.add_argument("--iters", type=int, default=defaults.iters, help="calls per timed sample, at least")
+    parser.add_argument("--sample-ms", type=float, default=defaults.sample_ms,
+                        help="milliseconds per timed sample, at least (more calls for fast contenders)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out the torch.compile'd contenders (and their compile time)")
     parser.add_argument("--step-norms", nargs="+", choices=STEP_NORMS, default=defaults.step_norms)
     parser.add_argument("--startup-launches", type=int, default=defaults.startup_launches,
                         help="launches per world size in the startup case (at least 2)")
@@ -352,6 +356,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
         parser.error(f"--sweep-repeats must be at least 1, got {args.sweep_repeats}")
     if args.startup_launches < 2:
         parser.error(f"--startup-launches must be at least 2 (the first starts the forkserver), got {args.startup_launches}")
+    if args.compile and not args.plain_sweep and (problem := cannot_compile()):
+        parser.error(f"the compiled contenders: torch.compile {problem}; or leave them out with --no-compile")
     values = {k: v for k, v in vars(args).items() if k not in ("quick", "out", "plain_sweep")}
     return Settings(**values), args.out, args.plain_sweep
 

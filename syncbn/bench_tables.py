@@ -11,27 +11,57 @@ def _ms(seconds: float) -> str:
 
 def layer_table(results: list[dict]) -> str:
     lines = ["| world | shape | syncbn ms | local BN ms | syncbn / BN | floor ms: 2 all-gathers | same as all-reduces "
-             "| (syncbn - BN) / floor | BN + 2 all-gathers ms | syncbn / (BN + all-gathers) | collectives per fwd+bwd "
-             "| torch SyncBN ms |", "|---" * 12 + "|"]
+             "| (syncbn - BN) / floor | collectives per fwd+bwd | torch SyncBN ms |", "|---" * 10 + "|"]
     for r in (r for r in results if r["case"] == "layer"):
         s = {name: statistics.median(v) for name, v in r["seconds"].items()}
         floor = s.get("floor_allgather")
         cells = [r["world_size"], r["shape"], _ms(s["syncbn"]), _ms(s["local_bn"]), f"{s['syncbn'] / s['local_bn']:.2f}"]
         if floor:
-            cells += [_ms(floor), _ms(s["floor_allreduce"]), f"{(s['syncbn'] - s['local_bn']) / floor:.2f}",
-                      _ms(s["bn_with_gathers"]), f"{s['syncbn'] / s['bn_with_gathers']:.2f}"]
+            cells += [_ms(floor), _ms(s["floor_allreduce"]), f"{(s['syncbn'] - s['local_bn']) / floor:.2f}"]
         else:
-            cells += ["-"] * 5
+            cells += ["-"] * 3
         cells += [sum(r["collectives"].values()), _ms(s["torch_syncbn"]) if "torch_syncbn" in s else "-"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
+def _floor(s: dict) -> tuple[str, float]:
+    """The least a synchronized layer can cost: local BN with the two all-gathers, or alone at 1 rank."""
+    return ("BN + all-gathers", s["bn_with_gathers"]) if "bn_with_gathers" in s else ("local BN", s["local_bn"])
+
+
+def layer_gap_table(results: list[dict]) -> str:
+    """The layer against its floor, eager and compiled; compile time of the first call."""
+    lines = ["| world | shape | floor | floor ms | syncbn / floor | syncbn compiled ms | syncbn compiled / floor "
+             "| local BN compiled ms | syncbn compiled / BN compiled | compile s (syncbn, BN) |", "|---" * 10 + "|"]
+    for r in (r for r in results if r["case"] == "layer"):
+        s = {name: statistics.median(v) for name, v in r["seconds"].items()}
+        name, floor = _floor(s)
+        cells = [r["world_size"], r["shape"], name, _ms(floor), f"{s['syncbn'] / floor:.2f}"]
+        if "syncbn_compiled" in s:
+            compiled, bn_compiled = s["syncbn_compiled"], s["local_bn_compiled"]
+            times = r["compile_seconds"]
+            cells += [_ms(compiled), f"{compiled / floor:.2f}", _ms(bn_compiled), f"{compiled / bn_compiled:.2f}",
+                      f"{times['syncbn_compiled']:.1f}, {times['local_bn_compiled']:.1f}"]
+        else:
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def step_table(results: list[dict]) -> str:
-    lines = ["| world | norm | ms per step | collectives per step |", "|---|---|---|---|"]
+    lines = ["| world | norm | eager ms per step | compiled ms per step | compiled / eager | compile s "
+             "| collectives per step (eager) |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in results if r["case"] == "step"):
         counts = ", ".join(f"{n.removeprefix('c10d::')} x{c}" for n, c in sorted(r["collectives"].items()))
-        lines.append(f"| {r['world_size']} | {r['norm']} | {_ms(statistics.median(r['seconds']))} | {counts} |")
+        eager = statistics.median(r["seconds"]["eager"])
+        cells = [r["world_size"], r["norm"], _ms(eager)]
+        if "compiled" in r["seconds"]:
+            compiled = statistics.median(r["seconds"]["compiled"])
+            cells += [_ms(compiled), f"{compiled / eager:.2f}", f"{r['compile_seconds']:.1f}"]
+        else:
+            cells += ["-"] * 3
+        lines.append("| " + " | ".join(map(str, [*cells, counts])) + " |")
     return "\n".join(lines)
 
 
@@ -60,6 +90,7 @@ def report(report_data: dict) -> str:
     return "\n\n".join([
         f"`{report_data['command']}` on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {report_data['backend']}",
         "Layer, forward + backward, float32:\n\n" + layer_table(results),
+        "The layer against its floor, eager and compiled (torch.compile(fullgraph=True)):\n\n" + layer_gap_table(results),
         "DDP training step of the 5x100 MLP, global batch 100:\n\n" + step_table(results),
         "Rank start-up per job:\n\n" + startup_table(results),
         "Weight-scale sweep end to end:\n\n" + sweep_table(results),

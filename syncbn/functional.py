@@ -64,29 +64,15 @@ def local_moments(x: torch.Tensor) -> torch.Tensor:
         # BatchNorm's own statistics kernel (CPU and CUDA): mean and biased variance, 3-20x faster
         # than torch.var_mean over the (N, *) dimensions, and just as stable.
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    return torch.cat([mean.new_full((1,), count), mean, var]).to(torch.float64)
+    # cat promotes to the float64 of the count: one op, no separate cast.
+    return torch.cat([torch.full((1,), count, dtype=torch.float64, device=x.device), mean, var])
 
 
-def merge_moments(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global count (a float64 scalar
-    tensor: no ``.item()``, so the same code compiles without a graph break), mean, biased var.
-    With no value anywhere the mean and variance are 0.
-
-    Chan et al.: M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, never a difference of large sums.
-    """
-    channels = (gathered.size(1) - 1) // 2
-    counts, means, variances = gathered.split([1, channels, channels], dim=1)
-    total = counts.sum()
-    weights = counts.T / total.clamp(min=1)
-    mean = weights @ means
-    deviation = means - mean
-    return total, mean[0], (weights @ (variances + deviation * deviation))[0]
-
-
-def group_count(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
+def group_count(gathered: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
     """The group's values per channel, after BatchNorm's check that there is more than one. Eager:
-    a Python int, and a ValueError as torch's. Compiled: the tensor itself, and the same check as an
-    assertion inside the graph (no data-dependent branch, so no graph break), raised when it runs."""
+    a Python int, and a ValueError as torch's. Compiled: a float64 scalar tensor (no ``.item()``, so
+    no graph break) and the same check as an assertion inside the graph, raised when it runs."""
+    total = gathered[:, 0].sum()
     if torch.compiler.is_compiling():  # the graph's message is a constant: no shapes in it
         torch._assert_async(total != 1, "Expected more than 1 value per channel when training, got 1 value per "
                                          "channel in the whole group")
@@ -97,7 +83,27 @@ def group_count(total: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
     return count
 
 
-def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup, phase: str) -> torch.Tensor:
+def _at_least_one(count: torch.Tensor | int) -> torch.Tensor | int:
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
+def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global mean and biased variance,
+    rows of one (2, C) float64 tensor. With no value anywhere both are 0.
+
+    Chan et al.: M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, never a difference of large sums.
+    """
+    channels = (gathered.size(1) - 1) // 2
+    weights = gathered[:, :1].T / _at_least_one(count)
+    moments = weights @ gathered[:, 1:]  # the weighted means of the means and of the variances
+    deviation = gathered[:, 1 : channels + 1] - moments[:, :channels]
+    moments[:, channels:] += weights @ (deviation * deviation)
+    return moments.view(2, channels)
+
+
+def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> torch.Tensor:
+    if group is None:  # this rank alone
+        return packed.view(1, -1)
     world_size = dist.get_world_size(group)
     if torch.compiler.is_compiling():
         # Traced as a functional collective: inside the graph, ordered by its data dependences.
@@ -118,25 +124,21 @@ def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup, phase: str) -> t
 def _update_running_stats(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     count: torch.Tensor | int,
     momentum: float,
 ) -> None:
     """As ``nn.BatchNorm``: ``r = (1 - m) r + m s``, with the unbiased variance of the global batch.
-    Nothing changes where the group had no value. ``count`` is a tensor when compiling: then the
-    momentum is 0 there instead of a branch (and float64, like the statistics)."""
+    Nothing changes where the group had no value: compiled (``count`` a tensor), by a momentum of 0
+    there instead of a branch."""
     if running_mean is None or running_var is None or (isinstance(count, int) and count == 0):
         return
     if isinstance(count, torch.Tensor):
-        momentum = (count > 0).to(count.dtype) * momentum
-        unbiased = var * (count / (count - 1))
-        running_mean.mul_(_cast(1 - momentum, running_mean.dtype)).add_(_cast(mean * momentum, running_mean.dtype))
-        running_var.mul_(_cast(1 - momentum, running_var.dtype)).add_(_cast(unbiased * momentum, running_var.dtype))
-        return
+        momentum = _cast((count > 0).to(count.dtype) * momentum, running_mean.dtype)
+    mean, var = stats
     unbiased = var * (count / (count - 1))
-    running_mean.mul_(1 - momentum).add_(_cast(mean, running_mean.dtype), alpha=momentum)
-    running_var.mul_(1 - momentum).add_(_cast(unbiased, running_var.dtype), alpha=momentum)
+    running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
+    running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -145,31 +147,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
         gathered = _all_gather(local_moments(x), group, "forward")
-        total, mean, var = merge_moments(gathered)
-        count = group_count(total, x)
+        count = group_count(gathered, x)
+        stats = _cast(merge_moments(gathered, count), stat_dtype(x.dtype))
+        _update_running_stats(running_mean, running_var, stats, count, momentum)
+        mean, var = stats
         ctx.eps, ctx.group = eps, group
         ctx.weight_dtype = None if weight is None else weight.dtype
-        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        dtype = stat_dtype(x.dtype)
-        mean, var = _cast(mean, dtype), _cast(var, dtype)
-        ctx.save_for_backward(x, weight, mean, var, total)
+        # Compiled, the count is a tensor of the graph and must be saved as one.
+        ctx.count = None if isinstance(count, torch.Tensor) else count
+        ctx.save_for_backward(x, weight, mean, var, count if ctx.count is None else None)
         # Even on a rank with no values: the output must depend on the gathered statistics, or a
         # compiler would drop the all-gather there as dead code and its peers would wait forever.
-        return F.batch_norm(x, mean, var, _cast(weight, dtype), _cast(bias, dtype), False, 0.0, eps)
+        return F.batch_norm(x, mean, var, _cast(weight, mean.dtype), _cast(bias, mean.dtype), False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var, count = ctx.saved_tensors  # count: the group's, a float64 scalar
-        channels = x.size(1)
+        x, weight, mean, var, count = ctx.saved_tensors
         sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
         grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
         grad_input = None
         if ctx.needs_input_grad[0]:
             # Every rank gathers, even one with no values: its peers may have some.
-            total = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward").sum(0)
-            total = total / count.clamp(min=1).to(total.dtype)
-            grad_input = _grad_input(grad_out, x, weight, mean, var, ctx.eps, total[:channels], total[channels:])
+            sums = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward").sum(0)
+            count = ctx.count if count is None else count
+            grad_input = _grad_input(grad_out, x, weight, mean, var, ctx.eps, sums, count)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -185,17 +187,19 @@ def _local_grad_sums(grad_out, x, mean, var, eps) -> tuple[torch.Tensor, torch.T
     return sum_dy, sum_dy_xhat
 
 
-def _grad_input(grad_out, x, weight, mean, var, eps, mean_dy, mean_dy_xhat) -> torch.Tensor:
-    """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)), a = weight / sqrt(var + eps).
+def _grad_input(grad_out, x, weight, mean, var, eps, sums, count) -> torch.Tensor:
+    """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)), a = weight / sqrt(var + eps), from the
+    group's ``sums`` = [sum(dy), sum(dy * x_hat)] and ``count``.
 
     The two terms in x_hat are an affine map of x per channel, i.e. an eval-mode BatchNorm with
     weight ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory
     format; ``addcmul_`` then adds ``a * dy`` in place.
     """
-    scale = torch.rsqrt(var + eps)  # also for no values here: the gathered sums must be used (see forward)
+    scale = (var + eps).rsqrt_()  # also for no values here: the gathered sums must be used (see forward)
     if weight is not None:
-        scale = scale * _cast(weight, scale.dtype)
-    grad_input = F.batch_norm(x, mean, var, -scale * mean_dy_xhat, -scale * mean_dy, False, 0.0, eps)
+        scale.mul_(_cast(weight, scale.dtype))
+    shift_bias, shift_weight = sums.view(2, -1) * (scale / -_at_least_one(count))
+    grad_input = F.batch_norm(x, mean, var, shift_weight, shift_bias, False, 0.0, eps)
     return grad_input.addcmul_(grad_out, _cast(_as_channel(scale, x), x.dtype))
 
 
@@ -207,9 +211,11 @@ def sync_batch_norm(
     bias: torch.Tensor | None,
     momentum: float,
     eps: float,
-    group: dist.ProcessGroup,
+    group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
-    """Training-mode batch norm with statistics over every rank of ``group`` (size > 1).
+    """Training-mode batch norm with statistics over every rank of ``group`` (or this rank's batch
+    alone for None: what a compiled layer with ``momentum=None`` runs outside a group, where
+    ``F.batch_norm`` cannot take the cumulative average's momentum as a traced value).
 
     Gradients: ``x.grad`` is the gradient of the *sum* of all ranks' losses; ``weight.grad`` and
     ``bias.grad`` are this rank's share of it, so their sum over ranks (or DDP's average, paired

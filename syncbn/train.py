@@ -26,7 +26,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config, ConfigError, is_sweep, register, to_config, validate, validate_batches
 from syncbn.data import DataError
 from syncbn.models import build_network
+from syncbn.trainer import cannot_compile
 
 log = logging.getLogger("syncbn.train")
 register()
@@ -92,20 +92,6 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
         return None
     checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
-
-
-def cannot_compile() -> str | None:
-    """Why torch.compile's inductor cannot build on this CPU process, or None if it can."""
-    if not any(map(shutil.which, ("c++", "g++", "clang++"))):
-        return "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability == "default":
-        return ("cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that "
-                "level leaves out")
-    if capability:  # measured: avx2 on this AVX-512 machine, a compiled float64 run's loss went non-finite
-        return (f"is not reliable with ATEN_CPU_CAPABILITY={capability}: inductor's C++ does not follow it "
-                "(unset it to compile)")
-    return None
 
 
 def owns_run_dir() -> bool:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -60,6 +61,28 @@ def wrap_ddp(model: nn.Module, device: torch.device, sync_buffers: bool) -> Dist
         device_ids=[device] if device.type == "cuda" else None,
         **{_SYNC_BUFFERS: sync_buffers},
     )
+
+
+def cannot_compile() -> str | None:
+    """Why torch.compile's inductor cannot build on this CPU process, or None if it can."""
+    if not any(map(shutil.which, ("c++", "g++", "clang++"))):
+        return "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability == "default":
+        return ("cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that "
+                "level leaves out")
+    if capability:  # measured: avx2 on this AVX-512 machine, a compiled float64 run's loss went non-finite
+        return (f"is not reliable with ATEN_CPU_CAPABILITY={capability}: inductor's C++ does not follow it "
+                "(unset it to compile)")
+    return None
+
+
+def compile_quietly(module: nn.Module, **options) -> nn.Module:
+    """``torch.compile``, without two warnings every rank would print that ask nothing of the user:
+    dynamo skipping DDP's profiler label, and inductor's note that this CPU machine has no CUDA."""
+    for name in ("torch._dynamo.variables.ctx_manager", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return torch.compile(module, **options)
 
 
 def member_logits(output: torch.Tensor) -> torch.Tensor:
@@ -170,7 +193,7 @@ class Training:
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         # What runs the batches: the DDP model, or its compiled form (the same parameters and
         # buffers: checkpoints and metrics read self.model either way).
-        self.forward = torch.compile(self.model) if config.train.compile else self.model
+        self.forward = compile_quietly(self.model) if config.train.compile else self.model
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed

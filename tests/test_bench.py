@@ -3,6 +3,9 @@
 import json
 
 from syncbn.bench import main
+from syncbn.trainer import cannot_compile
+
+COMPILES = cannot_compile() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
         "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2"]
@@ -10,7 +13,7 @@ TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms",
 
 def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     out = tmp_path / "bench.json"
-    main([*TINY, "--out", str(out)])
+    main([*TINY, "--out", str(out), *([] if COMPILES else ["--no-compile"])])
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m syncbn.bench --quick")
     assert {"cpu", "cores", "torch", "python", "cuda"} <= report["machine"].keys()
@@ -20,18 +23,23 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
         by_case.setdefault(result["case"], []).append(result)
     [layer] = by_case["layer"]
     assert layer["world_size"] == 2 and layer["shape"] == "(25,100)"
-    assert layer["seconds"].keys() == {"syncbn", "local_bn", "floor_allgather", "floor_allreduce", "bn_with_gathers"}
+    compiled = {"syncbn_compiled", "local_bn_compiled"} if COMPILES else set()
+    assert layer["seconds"].keys() == {"syncbn", "local_bn", "floor_allgather", "floor_allreduce", "bn_with_gathers"} | compiled
+    assert layer["compile_seconds"].keys() == compiled and all(s > 0 for s in layer["compile_seconds"].values())
     assert all(len(samples) == 2 and min(samples) > 0 for samples in layer["seconds"].values())
     assert layer["collectives"] == {"c10d::_allgather_base_": 2}, "one all-gather each way"
     [step] = by_case["step"]
     assert step["collectives"] == {"c10d::_allgather_base_": 10, "c10d::allreduce_": 1}, "2 per norm layer + DDP's bucket"
-    assert len(step["seconds"]) == 2
+    assert step["seconds"].keys() == {"eager"} | ({"compiled"} if COMPILES else set())
+    assert all(len(samples) == 2 for samples in step["seconds"].values())
+    assert (step["compile_seconds"] > 0) if COMPILES else step["compile_seconds"] is None
     [startup] = by_case["startup"]
     assert startup["world_size"] == 2 and startup["first_seconds"] > 0
     assert len(startup["seconds"]) == 1 and len(startup["spawn_seconds"]) == 2 and min(startup["spawn_seconds"]) > 0
     assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 2)]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
-    assert "| world | shape | syncbn ms" in printed and "| world | norm | ms per step" in printed and "sweep command s" in printed
+    assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
+    assert "| world | shape | floor | floor ms | syncbn / floor |" in printed and "sweep command s" in printed
     assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 2 | 2 x 1 |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"

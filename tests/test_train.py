@@ -291,9 +291,9 @@ def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, override
 
 
 def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys, tmp_path):
-    from syncbn import train
+    from syncbn import trainer
 
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
     code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
     assert code == 1 and err.strip() == "syncbn.train: error: train.compile=true needs a C++ compiler for " \
         "torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
