@@ -6,7 +6,7 @@
     python -m syncbn.bench --help          # every knob
 
 Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
-in the same run, interleaved (A B C A B C ...), after the same warm-up, hold. Each figure is the
+in the same run, interleaved (A B C, B C A, C A B ...), after the same warm-up, hold. Each figure is the
 median over repeats of the slowest rank's time per call (a repeat: at least ``iters`` calls and
 ``sample_ms``).
 
@@ -16,7 +16,8 @@ Cases, each at every world size (ranks are local processes started by torch's el
    ``nn.BatchNorm`` on the same input (the compute floor); both again under
    ``torch.compile(fullgraph=True)``; ``nn.SyncBatchNorm`` where CUDA is present; and the
    communication floor: the two bare all-gathers of the layer's packed payloads (also timed as
-   all-reduces, the measurement behind choosing all-gather), and local BN with them in place.
+   all-reduces, the measurement behind choosing all-gather), and local BN, eager and compiled,
+   with them in place.
 2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none,
    eager and ``torch.compile``d (as ``train.compile=true``).
 3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
@@ -91,13 +92,16 @@ class Settings:
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
-    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved A B C ...).
+    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved, rotating).
     A sample is at least ``iters`` calls and at least ``sample_ms`` long (a 0.1 ms call timed 20
     times would be a 2 ms sample, at the scheduler's mercy), as the warm-up's pace says."""
     calls = _calls_per_sample(contenders, settings, device)
     local = torch.zeros(len(contenders), settings.repeats, dtype=torch.float64)
+    fns = list(contenders.values())
     for repeat in range(settings.repeats):
-        for index, fn in enumerate(contenders.values()):
+        # Each repeat starts with the next contender (A B C, B C A, ...): no one is always first.
+        for index in [(repeat + k) % len(fns) for k in range(len(fns))]:
+            fn = fns[index]
             dist.barrier()
             _sync(device)
             start = time.perf_counter()
@@ -214,17 +218,20 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
     compiled = {}
     if settings.compile:
         torch._dynamo.reset()  # this shape's compile time is its own
+        plain_compiled = _compiled(plain_class(channels).to(ctx.device))
         compiled = {
             "syncbn_compiled": _layer_pass(_compiled(SyncBatchNorm(channels).to(ctx.device)), x, grad),
-            "local_bn_compiled": _layer_pass(_compiled(plain_class(channels).to(ctx.device)), x, grad),
+            "local_bn_compiled": _layer_pass(plain_compiled, x, grad),
         }
     if ctx.device.type == "cuda" and ctx.world_size > 1:
         contenders["torch_syncbn"] = _layer_pass(nn.SyncBatchNorm(channels).to(ctx.device), x, grad)
+    compile_seconds = first_calls(compiled, ctx.device)
     if ctx.world_size > 1:
         contenders["floor_allgather"] = _gather_floor(payloads, ctx.world_size)
         contenders["floor_allreduce"] = _reduce_floor(payloads)
         contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads, ctx.world_size)
-    compile_seconds = first_calls(compiled, ctx.device)
+        if compiled:
+            compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads, ctx.world_size)
     return dict(
         case="layer", shape=name, world_size=ctx.world_size,
         seconds=time_interleaved(contenders | compiled, settings, ctx.device),
@@ -268,10 +275,10 @@ def bench_step(norm: str, settings: Settings, ctx: distributed.DistContext) -> d
 
 def bench_rank(settings: Settings) -> list[dict]:
     """One rank of the layer and step cases; every rank returns the same (max-over-ranks) figures.
-    Compile times are cold: inductor's cache is a new directory (unless TORCHINDUCTOR_CACHE_DIR says)."""
+    Compile times are cold: inductor's cache is a new directory."""
     distributed.share_cpu_threads()
     with tempfile.TemporaryDirectory(prefix="syncbn-bench-inductor-") as cache:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # torch itself may have set it: compile times are cold
         with distributed.process_group(DistConfig(device=settings.device, timeout_s=300)) as ctx:
             results = [bench_layer(name, settings, ctx) for name in settings.shapes]
             results += [bench_step(norm, settings, ctx) for norm in settings.step_norms]
