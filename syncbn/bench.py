@@ -249,13 +249,13 @@ def bench_step(norm: str, settings: Settings, ctx: distributed.DistContext) -> d
 
     def step_of(compile: bool) -> Callable[[], None]:
         torch.manual_seed(0)
-        ddp = wrap_ddp(make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm)), ctx.device, norm == "bn")
-        forward = compile_quietly(ddp) if compile else ddp
+        network = make_mlp(ModelConfig(weight_scale=0.05), NormConfig(name=norm))
+        ddp = wrap_ddp(compile_quietly(network) if compile else network, ctx.device, norm == "bn")
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(forward(images), labels).backward()
+            F.cross_entropy(ddp(images), labels).backward()
             optimizer.step()
 
         return step

@@ -78,11 +78,13 @@ def cannot_compile() -> str | None:
 
 
 def compile_quietly(module: nn.Module, **options) -> nn.Module:
-    """``torch.compile``, without two warnings every rank would print that ask nothing of the user:
-    dynamo skipping DDP's profiler label, and inductor's note that this CPU machine has no CUDA."""
+    """``module.compile(**options)``: torch.compile in place (the same module, ``state_dict`` keys and
+    all), without two warnings every rank would print that ask nothing of the user: dynamo skipping
+    DDP's profiler label, and inductor's note that a CPU machine has no CUDA."""
     for name in ("torch._dynamo.variables.ctx_manager", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    return torch.compile(module, **options)
+    module.compile(**options)
+    return module
 
 
 def member_logits(output: torch.Tensor) -> torch.Tensor:
@@ -189,11 +191,14 @@ class Training:
         self.members = members(config)
         self.train_set, self.test_set = data.load(config.data)
         sync_buffers = any(member.norm == "bn" for member in self.members)
-        self.model = wrap_ddp(build_network(config), ctx.device, sync_buffers)
+        network = build_network(config)
+        if config.train.compile:
+            # The network, in place, inside DDP: one graph of the whole network (DDP's optimizer splits
+            # it at gradient buckets). Compiling the DDP wrapper instead would compile only the frames
+            # of user code under it: an nn.Sequential's layers would run eager, each SyncBatchNorm alone.
+            compile_quietly(network)
+        self.model = wrap_ddp(network, ctx.device, sync_buffers)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
-        # What runs the batches: the DDP model, or its compiled form (the same parameters and
-        # buffers: checkpoints and metrics read self.model either way).
-        self.forward = compile_quietly(self.model) if config.train.compile else self.model
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
@@ -279,7 +284,7 @@ class Training:
         totals = self._epoch_totals()
         for images, labels in itertools.islice(self.loader, progress.step, None):
             images, labels = images.to(self.ctx.device, self.dtype, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
-            losses = member_losses(member_logits(self.forward(images)), labels)
+            losses = member_losses(member_logits(self.model(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             self.optimizer.step()
@@ -301,8 +306,8 @@ class Training:
         batch, size = self.config.train.eval_batch_size, len(self.members)
         local = torch.cat([
             totals,
-            count_correct(self.forward, self.train_set, self.ctx, batch, self.dtype),
-            count_correct(self.forward, self.test_set, self.ctx, batch, self.dtype),
+            count_correct(self.model, self.train_set, self.ctx, batch, self.dtype),
+            count_correct(self.model, self.test_set, self.ctx, batch, self.dtype),
         ])
         loss_sums, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).split(
             [size, 1, size, 1, size, 1])

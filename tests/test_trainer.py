@@ -234,9 +234,23 @@ def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo
         "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
 
 
+def fit_compiled(config: Config) -> tuple[list[dict], dict, int, int]:
+    """``fit_and_keep_weights``, and what dynamo traced: the calls it captured into graphs, and the
+    network's leaf modules (layers)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    training = trainer.Training(config, this_rank(), None)
+    history = training.fit()
+    layers = sum(1 for module in training.model.module.modules() if not list(module.children()))
+    return history, training.model.module.state_dict(), torch._dynamo.utils.counters["stats"]["calls_captured"], layers
+
+
 @pytest.mark.skipif(CANNOT_COMPILE is not None, reason=CANNOT_COMPILE or "")
 def test_a_compiled_run_trains_the_same_as_eager(gloo_group):
-    """train.compile=true at 2 ranks, float64: the eager run's accuracies, losses and weights (1e-9)."""
+    """train.compile=true at 2 ranks, float64: the eager run's accuracies, losses and weights (1e-9),
+    and the whole network in the graphs, not only the frames of user code (each SyncBatchNorm)."""
     eager = gloo_group(2).run(fit_and_keep_weights, compose_config(*FLOAT64[1:], "train.epochs=2"))[0]
-    compiled = gloo_group(2).run(fit_and_keep_weights, compose_config(*FLOAT64[1:], "train.epochs=2", "train.compile=true"))[0]
-    assert_same_training(eager, compiled)
+    *compiled, captured, layers = gloo_group(2).run(
+        fit_compiled, compose_config(*FLOAT64[1:], "train.epochs=2", "train.compile=true"))[0]
+    assert_same_training(eager, tuple(compiled))
+    assert captured >= layers, f"dynamo captured {captured} calls for a network of {layers} layers"
