@@ -64,7 +64,7 @@ class TrainConfig:
     resume: bool = True
     checkpoint_every_steps: int | None = None
     dtype: str = "float32"  # float64: N ranks train like one process to rounding (tests, checks)
-    compile: bool = False  # torch.compile the DDP model (inductor; on CPU it needs a C++ compiler)
+    compile: bool = False  # torch.compile the network, then DDP (inductor; on CPU it needs a C++ compiler)
 
 
 @dataclass

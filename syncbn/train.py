@@ -11,7 +11,7 @@
     python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
     python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size
-    python -m syncbn.train train.compile=true dist.nproc=2    # torch.compile the DDP model
+    python -m syncbn.train train.compile=true dist.nproc=2    # torch.compile the network, then DDP
     python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
 
 Ctrl-C (or SIGTERM) stops every rank and prints where to resume, exit status 130 (143).
