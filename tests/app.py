@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def strip(records: list[dict]) -> list[dict]:
     """The metrics without wall time."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,9 @@ import matplotlib.image
 import pytest
 import torch
 import stress_teardown
-from app import ROOT, read_metrics, run, strip
+from app import ROOT, free_port, read_metrics, run, strip
 
+from syncbn import trainer
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
 from syncbn.study import main as study_main
@@ -111,12 +111,6 @@ def test_finished_runs_exit_0_with_every_core_busy():
     """One round of tests/stress_teardown.py (30 rounds: docs/reliability.md): a smoke check, since
     the teardown abort it guards against struck about 1 run in 25 before the fix."""
     assert stress_teardown.stress(runs=1) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_multinode_script_as_two_nodes_on_localhost(uninterrupted, tmp_path):
@@ -290,20 +284,18 @@ def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, override
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, capsys, tmp_path):
-    from syncbn import trainer
-
-    monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+@pytest.mark.parametrize("cause,message", [
+    ("no C++ compiler", "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
+    ("ATen's portable kernels", "cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, "
+                                "which that level leaves out"),
+])
+def test_compile_where_inductor_cannot_build_is_one_line(monkeypatch, capsys, tmp_path, cause, message):
+    if cause == "no C++ compiler":
+        monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
-    assert code == 1 and err.strip() == "syncbn.train: error: train.compile=true needs a C++ compiler for " \
-        "torch.compile's inductor (c++, g++ or clang++ on PATH): none found"
-
-
-def test_compile_on_atens_portable_kernels_is_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
-    code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
-    assert code == 1 and err.strip() == "syncbn.train: error: train.compile=true cannot build with " \
-        "ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, which that level leaves out"
+    assert code == 1 and err.strip() == f"syncbn.train: error: train.compile=true {message}"
 
 
 def test_a_run_directory_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
