@@ -8,7 +8,7 @@ from syncbn.trainer import cannot_compile
 COMPILES = cannot_compile() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
-        "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2"]
+        "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2", "--per-run-world-sizes", "1"]
 
 
 def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
@@ -37,10 +37,10 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     [startup] = by_case["startup"]
     assert startup["world_size"] == 2 and startup["first_seconds"] > 0
     assert len(startup["seconds"]) == 1 and len(startup["spawn_seconds"]) == 2 and min(startup["spawn_seconds"]) > 0
-    assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 2)]
+    assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 1)]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
     assert "| world | shape | floor | floor ms | syncbn / floor |" in printed and "sweep command s" in printed
-    assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 2 | 2 x 1 |" in printed
+    assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 1 | 2 x 1 |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"

@@ -30,10 +30,11 @@ def case_for(name: str, world_size: int) -> Case:
     return Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine)
 
 
-# 2 ranks exercise every collective path, 1 rank the paths without one, 4 ranks once (four
-# processes compiling on two cores cost the suite about 15 s).
+# 2 ranks exercise every collective path, 1 rank the paths without one. 4 ranks pass too (checked
+# by hand: ``pytest tests/test_compile.py`` with (4, "NCDHW-unequal") added here), left out to keep
+# CI under its 10 minutes: four processes compiling on two cores.
 @pytest.mark.parametrize("world_size,name", [(2, name) for name in CASES] + [
-    (1, "NC-equal"), (1, "NCL-unequal-momentum-None"), (4, "NCDHW-unequal")])
+    (1, "NC-equal"), (1, "NCL-unequal-momentum-None")])
 def test_compiled_layer_has_no_graph_break_and_gives_batchnorm_on_the_global_batch(gloo_group, world_size, name):
     """Three training steps (outputs, input gradients, summed weight and bias gradients, running
     statistics) and an eval step, compiled with fullgraph=True on every rank."""
