@@ -115,27 +115,25 @@ def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settin
 
 def _calls_per_sample(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> list[int]:
     """Run the warm-up; from its pace (the slowest rank's), the calls per timed sample."""
-    seconds = torch.zeros(len(contenders), dtype=torch.float64)
-    for index, fn in enumerate(contenders.values()):
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(settings.warmup):
-            fn()
-        _sync(device)
-        seconds[index] = (time.perf_counter() - start) / max(settings.warmup, 1)
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return [max(settings.iters, math.ceil(settings.sample_ms / 1e3 / max(s, 1e-9))) for s in seconds.tolist()]
+    seconds = _slowest_rank_seconds(contenders, max(settings.warmup, 1), device)
+    return [max(settings.iters, math.ceil(settings.sample_ms / 1e3 / max(s, 1e-9))) for s in seconds.values()]
 
 
 def first_calls(contenders: dict[str, Callable[[], None]], device: torch.device) -> dict:
     """Seconds of each contender's first call, the slowest rank's: for a compiled one, its compile time."""
+    return _slowest_rank_seconds(contenders, 1, device)
+
+
+def _slowest_rank_seconds(contenders: dict[str, Callable[[], None]], calls: int, device: torch.device) -> dict:
+    """Each contender's seconds per call over ``calls`` calls in a row, the slowest rank's."""
     seconds = torch.zeros(len(contenders), dtype=torch.float64)
     for index, fn in enumerate(contenders.values()):
         dist.barrier()
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         _sync(device)
-        seconds[index] = time.perf_counter() - start
+        seconds[index] = (time.perf_counter() - start) / calls
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return dict(zip(contenders, seconds.tolist()))
 

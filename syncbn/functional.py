@@ -64,7 +64,7 @@ def local_moments(x: torch.Tensor) -> torch.Tensor:
         # BatchNorm's own statistics kernel (CPU and CUDA): mean and biased variance, 3-20x faster
         # than torch.var_mean over the (N, *) dimensions, and just as stable.
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    # cat promotes to the float64 of the count: one op, no separate cast.
+    # The count in float64, exact past float32's 2^24; cat promotes mean and var to it.
     return torch.cat([torch.full((1,), count, dtype=torch.float64, device=x.device), mean, var])
 
 

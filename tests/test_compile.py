@@ -12,7 +12,7 @@ from test_batchnorm import EXACT, SHAPES, SPLITS, Case, assert_matches_reference
 from syncbn import SyncBatchNorm
 from syncbn.trainer import cannot_compile
 
-# No C++ compiler, or ATEN_CPU_CAPABILITY=default (seen in CI: "'at::vec' has not been declared").
+# No C++ compiler, or an ATEN_CPU_CAPABILITY override (under default, CI saw "'at::vec' has not been declared").
 CANNOT_COMPILE = cannot_compile()
 pytestmark = pytest.mark.skipif(CANNOT_COMPILE is not None, reason=CANNOT_COMPILE or "")
 
@@ -44,8 +44,7 @@ def test_compiled_layer_has_no_graph_break_and_gives_batchnorm_on_the_global_bat
 
 def eager_and_compiled_float32() -> list[dict]:
     """The same float32 layer and batches, eager and compiled, on this rank: channels_last, unequal."""
-    case = case_for("NCHW-channels_last-empty-rank-affine-off", 2)
-    case = Case(case.sample_shape, case.memory_format, SPLITS["unequal"][:2], 0.1, True, dtype=torch.float32)
+    case = Case(*SHAPES["NCHW-channels_last"], SPLITS["unequal"][:2], 0.1, True, dtype=torch.float32)
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -88,8 +87,7 @@ def test_dynamo_sees_one_graph_and_no_break(gloo_group):
 def test_without_a_process_group_the_compiled_layer_is_batchnorm(momentum):
     """Training steps and eval, outside any group; momentum None (the cumulative average, whose 1/n
     F.batch_norm cannot take as a traced value) included."""
-    case = case_for("NC-equal", 1)
-    case = Case(case.sample_shape, case.memory_format, case.sizes, momentum, True)
+    case = Case(*SHAPES["NC"], SPLITS["equal"][:1], momentum, True)
     layer, plain = case.make(SyncBatchNorm), case.make(torch.nn.BatchNorm1d)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
