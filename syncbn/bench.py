@@ -17,7 +17,7 @@ Cases, each at every world size (ranks are local processes started by torch's el
    ``torch.compile(fullgraph=True)``; ``nn.SyncBatchNorm`` where CUDA is present; and the
    communication floor: the two bare all-gathers of the layer's packed payloads (also timed as
    all-reduces, the measurement behind choosing all-gather), and local BN, eager and compiled,
-   with them in place.
+   with them in place; eager, also with each collective in flight during the BN work.
 2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none,
    eager and ``torch.compile``d (as ``train.compile=true``).
 3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
@@ -54,7 +54,7 @@ from syncbn.batchnorm import SyncBatchNorm
 from syncbn.bench_sweep import bench_sweep, plain_sweep
 from syncbn.bench_tables import report
 from syncbn.config import DistConfig, ModelConfig, NormConfig
-from syncbn.functional import _all_gather_single
+from syncbn.functional import start_all_gather
 from syncbn.models import make_mlp
 from syncbn.trainer import cannot_compile, compile_quietly, wrap_ddp
 
@@ -167,35 +167,45 @@ def _payloads(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.
             torch.randn(2 * channels, dtype=torch.float32, device=device))
 
 
-def _gather_floor(payloads, world_size: int) -> Callable[[], None]:
-    outputs = [p.new_empty(world_size * p.numel()) for p in payloads]
-
-    def run() -> None:
-        for out, payload in zip(outputs, payloads):
-            _all_gather_single(out, payload)
-
-    return run
+def _gather(payload: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start a bare all-gather, by the very call the layer makes; returns its wait."""
+    return start_all_gather(payload, dist.group.WORLD, "bench")
 
 
-def _bn_with_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads, world_size: int) -> Callable[[], None]:
+def _gather_floor(payloads) -> Callable[[], None]:
+    return lambda: [_gather(payload)() for payload in payloads]
+
+
+def _reduce_floor(payloads) -> Callable[[], None]:  # the process group's own call, as the all-gathers
+    return lambda: [dist.group.WORLD.allreduce([payload]).wait() for payload in payloads]
+
+
+def _bn_with_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads) -> Callable[[], None]:
     """Local BN with the two bare all-gathers where SyncBatchNorm has its collectives: the least any
     synchronized BN can cost, including the ranks' wake-up latency around each collective."""
-    outputs = [p.new_empty(world_size * p.numel()) for p in payloads]
 
     def run() -> None:
         x.grad = None
         y = layer(x)
-        _all_gather_single(outputs[0], payloads[0])
+        _gather(payloads[0])()
         y.backward(grad)
-        _all_gather_single(outputs[1], payloads[1])
+        _gather(payloads[1])()
 
     return run
 
 
-def _reduce_floor(payloads) -> Callable[[], None]:
+def _bn_inside_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads) -> Callable[[], None]:
+    """The same work and collectives, each collective started before the work and waited for after
+    it: what the work costs while the payloads travel (the layer computes ``a * dy`` there)."""
+
     def run() -> None:
-        for payload in payloads:
-            dist.all_reduce(payload)
+        x.grad = None
+        wait = _gather(payloads[0])
+        y = layer(x)
+        wait()
+        wait = _gather(payloads[1])
+        y.backward(grad)
+        wait()
 
     return run
 
@@ -225,11 +235,12 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
         contenders["torch_syncbn"] = _layer_pass(nn.SyncBatchNorm(channels).to(ctx.device), x, grad)
     compile_seconds = first_calls(compiled, ctx.device)
     if ctx.world_size > 1:
-        contenders["floor_allgather"] = _gather_floor(payloads, ctx.world_size)
+        contenders["floor_allgather"] = _gather_floor(payloads)
         contenders["floor_allreduce"] = _reduce_floor(payloads)
-        contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads, ctx.world_size)
+        contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads)
+        contenders["bn_inside_gathers"] = _bn_inside_gathers(plain, x, grad, payloads)
         if compiled:
-            compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads, ctx.world_size)
+            compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads)
     return dict(
         case="layer", shape=name, world_size=ctx.world_size,
         seconds=time_interleaved(contenders | compiled, settings, ctx.device),

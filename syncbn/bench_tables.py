@@ -11,15 +11,17 @@ def _ms(seconds: float) -> str:
 
 def layer_table(results: list[dict]) -> str:
     lines = ["| world | shape | syncbn ms | local BN ms | syncbn / BN | floor ms: 2 all-gathers | same as all-reduces "
-             "| (syncbn - BN) / floor | collectives per fwd+bwd | torch SyncBN ms |", "|---" * 10 + "|"]
+             "| BN, then each all-gather ms | BN while they travel ms | (syncbn - BN) / floor | collectives per fwd+bwd "
+             "| torch SyncBN ms |", "|---" * 12 + "|"]
     for r in (r for r in results if r["case"] == "layer"):
         s = {name: statistics.median(v) for name, v in r["seconds"].items()}
         floor = s.get("floor_allgather")
         cells = [r["world_size"], r["shape"], _ms(s["syncbn"]), _ms(s["local_bn"]), f"{s['syncbn'] / s['local_bn']:.2f}"]
         if floor:
-            cells += [_ms(floor), _ms(s["floor_allreduce"]), f"{(s['syncbn'] - s['local_bn']) / floor:.2f}"]
+            cells += [_ms(floor), _ms(s["floor_allreduce"]), _ms(s["bn_with_gathers"]), _ms(s["bn_inside_gathers"]),
+                      f"{(s['syncbn'] - s['local_bn']) / floor:.2f}"]
         else:
-            cells += ["-"] * 3
+            cells += ["-"] * 5
         cells += [sum(r["collectives"].values()), _ms(s["torch_syncbn"]) if "torch_syncbn" in s else "-"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)

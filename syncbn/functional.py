@@ -5,11 +5,12 @@ Forward, on every rank of the group:
   2. one ``all_gather`` of the packed ``[count, mean, var]`` (float64, so counts stay exact);
   3. the same merge everywhere, Chan's parallel formula in float64, which stays exact where
      the textbook ``E[x^2] - E[x]^2`` cancels catastrophically (channels with mean 1e4, std 1);
+     with equal counts on every rank, one pass of BatchNorm's statistics kernel over the rows;
   4. one fused ``F.batch_norm`` pass with the global statistics, keeping dtype and memory format.
 
 Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; one ``all_gather``
 of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
-the input gradient in closed form, again as one fused pass plus one ``addcmul``.
+the input gradient in closed form: its ``a * dy`` term while the sums travel, then one fused pass.
 
 All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.6-3x at 2
 ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
@@ -22,13 +23,17 @@ single-value check) ``torch.compiler.is_compiling()`` picks it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-# torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# The process group's own all-gather (torch 2.14 named it all_gather_single), not the ``dist``
+# function around it: that wrapper's checks cost 20-30 us a call here, and on a latency-bound
+# collective any CPU work near it costs about three times its own time (docs/performance.md).
+_group_all_gather = getattr(dist.ProcessGroup, "all_gather_single", None) or dist.ProcessGroup._allgather_base
 
 _SINGLE_VALUE_ERROR = "Expected more than 1 value per channel when training, got input size {}"
 
@@ -68,32 +73,41 @@ def local_moments(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full((1,), count, dtype=torch.float64, device=x.device), mean, var])
 
 
-def group_count(gathered: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
-    """The group's values per channel, after BatchNorm's check that there is more than one. Eager:
-    a Python int, and a ValueError as torch's. Compiled: a float64 scalar tensor (no ``.item()``, so
-    no graph break) and the same check as an assertion inside the graph, raised when it runs."""
-    total = gathered[:, 0].sum()
+def group_count(gathered: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | int, bool]:
+    """The group's values per channel, after BatchNorm's check that there is more than one, and
+    whether every rank had as many. Eager: a Python int, and a ValueError as torch's. Compiled: a
+    float64 scalar tensor (no ``.item()``, so no graph break), False, and the same check as an
+    assertion inside the graph, raised when it runs."""
     if torch.compiler.is_compiling():  # the graph's message is a constant: no shapes in it
+        total = gathered[:, 0].sum()
         torch._assert_async(total != 1, "Expected more than 1 value per channel when training, got 1 value per "
                                          "channel in the whole group")
-        return total
-    count = int(total.item())
+        return total, False
+    counts = gathered[:, 0].tolist()
+    count = int(sum(counts))
     if count == 1:
         raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
-    return count
+    return count, min(counts) == max(counts)
 
 
 def _at_least_one(count: torch.Tensor | int) -> torch.Tensor | int:
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
 
 
-def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_counts: bool = False) -> torch.Tensor:
     """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global mean and biased variance,
     rows of one (2, C) float64 tensor. With no value anywhere both are 0.
 
     Chan et al.: M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, never a difference of large sums.
     """
     channels = (gathered.size(1) - 1) // 2
+    if equal_counts:
+        # Equal weights: the mean of the means, and the mean of the variances plus the (biased)
+        # variance of the means; BatchNorm's statistics kernel over the rows gives all three at once.
+        mean, var = torch.batch_norm_update_stats(gathered, None, None, 0.0)
+        moments = mean[1:].view(2, channels)
+        moments[1] += var[1 : channels + 1]
+        return moments
     weights = gathered[:, :1].T / _at_least_one(count)
     moments = weights @ gathered[:, 1:]  # the weighted means of the means and of the variances
     deviation = gathered[:, 1 : channels + 1] - moments[:, :channels]
@@ -101,24 +115,41 @@ def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int) -> torch.Te
     return moments.view(2, channels)
 
 
-def _all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> torch.Tensor:
+def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
+    """Start gathering every rank's ``packed`` as the rows of a (W, n) tensor; the function returned
+    waits for them. Work that does not need them belongs in between, while they travel: on a
+    latency-bound collective (Gloo, small payloads) CPU work placed there costs nothing, and work
+    placed after it costs about twice its own time (docs/performance.md)."""
     if group is None:  # this rank alone
-        return packed.view(1, -1)
-    world_size = dist.get_world_size(group)
+        return lambda: packed.view(1, -1)
+    world_size = group.size()
     if torch.compiler.is_compiling():
         # Traced as a functional collective: inside the graph, ordered by its data dependences.
-        return funcol.all_gather_tensor(packed, 0, group).view(world_size, -1)
+        gathered = funcol.all_gather_tensor(packed, 0, group).view(world_size, -1)
+        return lambda: gathered
     out = packed.new_empty(world_size * packed.numel())
     try:
-        _all_gather_single(out, packed, group=group)
+        work = _group_all_gather(group, out, packed)
     except RuntimeError as error:
-        # The backend's message (a timeout, a closed connection) does not say which call it was.
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-        raise RuntimeError(
-            f"SyncBatchNorm {phase}: all_gather over {world_size} ranks failed, a rank stopped, died or took "
-            f"a different path before joining it (process-group timeout / connection loss): {detail}"
-        ) from error
-    return out.view(world_size, -1)
+        raise _failed(phase, world_size, error) from error
+
+    def wait() -> torch.Tensor:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise _failed(phase, world_size, error) from error
+        return out.view(world_size, -1)
+
+    return wait
+
+
+def _failed(phase: str, world_size: int, error: RuntimeError) -> RuntimeError:
+    # The backend's message (a timeout, a closed connection) does not say which call it was.
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return RuntimeError(
+        f"SyncBatchNorm {phase}: all_gather over {world_size} ranks failed, a rank stopped, died or took "
+        f"a different path before joining it (process-group timeout / connection loss): {detail}"
+    )
 
 
 def _update_running_stats(
@@ -146,9 +177,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
-        gathered = _all_gather(local_moments(x), group, "forward")
-        count = group_count(gathered, x)
-        stats = _cast(merge_moments(gathered, count), stat_dtype(x.dtype))
+        gathered = start_all_gather(local_moments(x), group, "forward")()
+        count, equal_counts = group_count(gathered, x)
+        stats = _cast(merge_moments(gathered, count, equal_counts), stat_dtype(x.dtype))
         _update_running_stats(running_mean, running_var, stats, count, momentum)
         mean, var = stats
         ctx.eps, ctx.group = eps, group
@@ -169,9 +200,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_input = None
         if ctx.needs_input_grad[0]:
             # Every rank gathers, even one with no values: its peers may have some.
-            sums = _all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward").sum(0)
+            gathered = start_all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward")
+            scale, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps)  # while the sums travel
             count = ctx.count if count is None else count
-            grad_input = _grad_input(grad_out, x, weight, mean, var, ctx.eps, sums, count)
+            grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, scale, gathered().sum(0), count)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -187,20 +219,25 @@ def _local_grad_sums(grad_out, x, mean, var, eps) -> tuple[torch.Tensor, torch.T
     return sum_dy, sum_dy_xhat
 
 
-def _grad_input(grad_out, x, weight, mean, var, eps, sums, count) -> torch.Tensor:
-    """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)), a = weight / sqrt(var + eps), from the
-    group's ``sums`` = [sum(dy), sum(dy * x_hat)] and ``count``.
-
-    The two terms in x_hat are an affine map of x per channel, i.e. an eval-mode BatchNorm with
-    weight ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory
-    format; ``addcmul_`` then adds ``a * dy`` in place.
-    """
-    scale = (var + eps).rsqrt_()  # also for no values here: the gathered sums must be used (see forward)
+def _scaled_grad(grad_out, x, weight, var, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` = weight / sqrt(var + eps) per channel, and ``a * dy``: the part of the input gradient
+    that needs nothing from the other ranks."""
+    scale = (var + eps).rsqrt_()
     if weight is not None:
         scale.mul_(_cast(weight, scale.dtype))
+    return scale, grad_out * _cast(_as_channel(scale, x), x.dtype)
+
+
+def _add_shift(grad_input, x, mean, var, eps, scale, sums, count) -> torch.Tensor:
+    """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)): to ``a * dy`` add the two terms from the
+    group's ``sums`` = [sum(dy), sum(dy * x_hat)] and ``count``.
+
+    They are an affine map of x per channel, i.e. an eval-mode BatchNorm with weight
+    ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory format.
+    Also on a rank with no values: the gathered sums must be used (see forward).
+    """
     shift_bias, shift_weight = sums.view(2, -1) * (scale / -_at_least_one(count))
-    grad_input = F.batch_norm(x, mean, var, shift_weight, shift_bias, False, 0.0, eps)
-    return grad_input.addcmul_(grad_out, _cast(_as_channel(scale, x), x.dtype))
+    return grad_input.add_(F.batch_norm(x, mean, var, shift_weight, shift_bias, False, 0.0, eps))
 
 
 def sync_batch_norm(

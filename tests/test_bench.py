@@ -24,7 +24,7 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     [layer] = by_case["layer"]
     assert layer["world_size"] == 2 and layer["shape"] == "(25,100)"
     compiled = {"syncbn_compiled", "local_bn_compiled"} if COMPILES else set()
-    floors = {"floor_allgather", "floor_allreduce", "bn_with_gathers"} | ({"bn_compiled_with_gathers"} if COMPILES else set())
+    floors = {"floor_allgather", "floor_allreduce", "bn_with_gathers", "bn_inside_gathers"} | ({"bn_compiled_with_gathers"} if COMPILES else set())
     assert layer["seconds"].keys() == {"syncbn", "local_bn"} | floors | compiled
     assert layer["compile_seconds"].keys() == compiled and all(s > 0 for s in layer["compile_seconds"].values())
     assert all(len(samples) == 2 and min(samples) > 0 for samples in layer["seconds"].values())
