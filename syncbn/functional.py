@@ -12,7 +12,7 @@ Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; on
 of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
 the input gradient in closed form: its ``a * dy`` term while the sums travel, then one fused pass.
 
-All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.6-3x at 2
+All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.4-4.5x at 2
 ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
 input needs no gradient, backward needs no collective (weight and bias gradients are local shares).
 
@@ -31,8 +31,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 # The process group's own all-gather (torch 2.14 named it all_gather_single), not the ``dist``
-# function around it: that wrapper's checks cost 20-30 us a call here, and on a latency-bound
-# collective any CPU work near it costs about three times its own time (docs/performance.md).
+# function around it: that wrapper's checks are Python work on every call, and CPU work right
+# after a latency-bound collective costs more than its own time (docs/performance.md).
 _group_all_gather = getattr(dist.ProcessGroup, "all_gather_single", None) or dist.ProcessGroup._allgather_base
 
 _SINGLE_VALUE_ERROR = "Expected more than 1 value per channel when training, got input size {}"
@@ -118,8 +118,9 @@ def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_count
 def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
     """Start gathering every rank's ``packed`` as the rows of a (W, n) tensor; the function returned
     waits for them. Work that does not need them belongs in between, while they travel: on a
-    latency-bound collective (Gloo, small payloads) CPU work placed there costs nothing, and work
-    placed after it costs about twice its own time (docs/performance.md)."""
+    latency-bound collective (Gloo, small payloads) CPU work there costs nothing as long as it takes
+    less time than the collective, and work placed after it costs more than its own time
+    (``python -m syncbn.bench``: local BN's work after the collectives and while they travel)."""
     if group is None:  # this rank alone
         return lambda: packed.view(1, -1)
     world_size = group.size()
