@@ -202,9 +202,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Every rank gathers, even one with no values: its peers may have some.
             gathered = start_all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward")
-            scale, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps)  # while the sums travel
             count = ctx.count if count is None else count
-            grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, scale, gathered().sum(0), count)
+            per_sum, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps, count)  # while the sums travel
+            grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, gathered().sum(0))
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -220,24 +220,24 @@ def _local_grad_sums(grad_out, x, mean, var, eps) -> tuple[torch.Tensor, torch.T
     return sum_dy, sum_dy_xhat
 
 
-def _scaled_grad(grad_out, x, weight, var, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` = weight / sqrt(var + eps) per channel, and ``a * dy``: the part of the input gradient
-    that needs nothing from the other ranks."""
+def _scaled_grad(grad_out, x, weight, var, eps, count) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the input gradient needs that the other ranks do not give: with ``a`` = weight /
+    sqrt(var + eps) per channel, ``-a / count`` (the factor of the group's sums) and ``a * dy``."""
     scale = (var + eps).rsqrt_()
     if weight is not None:
         scale.mul_(_cast(weight, scale.dtype))
-    return scale, grad_out * _cast(_as_channel(scale, x), x.dtype)
+    return scale / -_at_least_one(count), grad_out * _cast(_as_channel(scale, x), x.dtype)
 
 
-def _add_shift(grad_input, x, mean, var, eps, scale, sums, count) -> torch.Tensor:
+def _add_shift(grad_input, x, mean, var, eps, per_sum, sums) -> torch.Tensor:
     """dx = a * (dy - mean(dy) - x_hat * mean(dy * x_hat)): to ``a * dy`` add the two terms from the
-    group's ``sums`` = [sum(dy), sum(dy * x_hat)] and ``count``.
+    group's ``sums`` = [sum(dy), sum(dy * x_hat)], times ``per_sum`` = ``-a / count``.
 
     They are an affine map of x per channel, i.e. an eval-mode BatchNorm with weight
     ``-a * mean_dy_xhat`` and bias ``-a * mean_dy``: one fused pass that keeps the memory format.
     Also on a rank with no values: the gathered sums must be used (see forward).
     """
-    shift_bias, shift_weight = sums.view(2, -1) * (scale / -_at_least_one(count))
+    shift_bias, shift_weight = sums.view(2, -1) * per_sum
     return grad_input.add_(F.batch_norm(x, mean, var, shift_weight, shift_bias, False, 0.0, eps))
 
 
