@@ -23,7 +23,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.functional import sync_batch_norm
 
-_DISTRIBUTED = dist.is_available()
 _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
     3: nn.BatchNorm1d,
@@ -103,8 +102,8 @@ class SyncBatchNorm(_BatchNorm):
     def _group(self) -> dist.ProcessGroup | None:
         """The group of more than one rank whose batches the training statistics span, or None: no
         group, a group of one, or a rank outside ``process_group``. (``ProcessGroup.size()`` rather
-        than ``dist.get_world_size``: a third of the cost, which a group of one pays on every call.)"""
-        group = (self.process_group or dist.group.WORLD) if _DISTRIBUTED else None
+        than ``dist.get_world_size``: cheaper, and a group of one pays it on every call.)"""
+        group = self.process_group or dist.group.WORLD
         return group if isinstance(group, dist.ProcessGroup) and group.size() > 1 else None
 
 

@@ -94,7 +94,7 @@ def _at_least_one(count: torch.Tensor | int) -> torch.Tensor | int:
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
 
 
-def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_counts: bool = False) -> torch.Tensor:
+def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_counts: bool) -> torch.Tensor:
     """Merge per-rank ``[count, mean, var]`` rows (W, 2C+1) into the global mean and biased variance,
     rows of one (2, C) float64 tensor. With no value anywhere both are 0.
 
@@ -156,7 +156,8 @@ def _failed(phase: str, world_size: int, error: RuntimeError) -> RuntimeError:
 def _update_running_stats(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
-    stats: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
     count: torch.Tensor | int,
     momentum: float,
 ) -> None:
@@ -167,7 +168,6 @@ def _update_running_stats(
         return
     if isinstance(count, torch.Tensor):
         momentum = _cast((count > 0).to(count.dtype) * momentum, running_mean.dtype)
-    mean, var = stats
     unbiased = var * (count / (count - 1))
     running_mean.lerp_(_cast(mean, running_mean.dtype), momentum)
     running_var.lerp_(_cast(unbiased, running_var.dtype), momentum)
@@ -180,9 +180,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
         gathered = start_all_gather(local_moments(x), group, "forward")()
         count, equal_counts = group_count(gathered, x)
-        stats = _cast(merge_moments(gathered, count, equal_counts), stat_dtype(x.dtype))
-        _update_running_stats(running_mean, running_var, stats, count, momentum)
-        mean, var = stats
+        mean, var = _cast(merge_moments(gathered, count, equal_counts), stat_dtype(x.dtype))
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         ctx.eps, ctx.group = eps, group
         ctx.weight_dtype = None if weight is None else weight.dtype
         # Compiled, the count is a tensor of the graph and must be saved as one.
