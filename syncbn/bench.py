@@ -180,32 +180,21 @@ def _reduce_floor(payloads) -> Callable[[], None]:  # the process group's own ca
     return lambda: [dist.group.WORLD.allreduce([payload]).wait() for payload in payloads]
 
 
-def _bn_with_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads) -> Callable[[], None]:
+def _bn_with_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads,
+                     in_flight: bool = False) -> Callable[[], None]:
     """Local BN with the two bare all-gathers where SyncBatchNorm has its collectives: the least any
-    synchronized BN can cost, including the ranks' wake-up latency around each collective."""
+    synchronized BN can cost, including the ranks' wake-up latency around each collective. With
+    ``in_flight``, each collective starts before the BN work and is waited for after it: what the
+    work costs while the payloads travel (the layer computes ``a * dy`` there)."""
 
     def run() -> None:
         x.grad = None
+        wait = _gather(payloads[0]) if in_flight else None
         y = layer(x)
-        _gather(payloads[0])()
+        (wait or _gather(payloads[0]))()
+        wait = _gather(payloads[1]) if in_flight else None
         y.backward(grad)
-        _gather(payloads[1])()
-
-    return run
-
-
-def _bn_inside_gathers(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, payloads) -> Callable[[], None]:
-    """The same work and collectives, each collective started before the work and waited for after
-    it: what the work costs while the payloads travel (the layer computes ``a * dy`` there)."""
-
-    def run() -> None:
-        x.grad = None
-        wait = _gather(payloads[0])
-        y = layer(x)
-        wait()
-        wait = _gather(payloads[1])
-        y.backward(grad)
-        wait()
+        (wait or _gather(payloads[1]))()
 
     return run
 
@@ -238,7 +227,7 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
         contenders["floor_allgather"] = _gather_floor(payloads)
         contenders["floor_allreduce"] = _reduce_floor(payloads)
         contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads)
-        contenders["bn_inside_gathers"] = _bn_inside_gathers(plain, x, grad, payloads)
+        contenders["bn_inside_gathers"] = _bn_with_gathers(plain, x, grad, payloads, in_flight=True)
         if compiled:
             compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads)
     return dict(

@@ -27,10 +27,11 @@ def layer_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _floor(s: dict) -> tuple[str, float]:
-    """The least a synchronized layer can cost: local BN with the two all-gathers, or alone at 1 rank
-    (the compiled floor: the same with local BN compiled)."""
-    return ("BN + all-gathers", s["bn_with_gathers"]) if "bn_with_gathers" in s else ("local BN", s["local_bn"])
+def _floor(s: dict, compiled: bool = False) -> tuple[str, float]:
+    """The least a synchronized layer can cost: local BN with the two all-gathers, or alone at 1 rank;
+    ``compiled``: the same with local BN compiled."""
+    bn, with_gathers = ("local_bn_compiled", "bn_compiled_with_gathers") if compiled else ("local_bn", "bn_with_gathers")
+    return ("BN + all-gathers", s[with_gathers]) if with_gathers in s else ("local BN", s[bn])
 
 
 def layer_gap_table(results: list[dict]) -> str:
@@ -43,7 +44,7 @@ def layer_gap_table(results: list[dict]) -> str:
         cells = [r["world_size"], r["shape"], name, _ms(floor), f"{s['syncbn'] / floor:.2f}"]
         if "syncbn_compiled" in s:
             compiled = s["syncbn_compiled"]
-            compiled_floor = s.get("bn_compiled_with_gathers", s["local_bn_compiled"])
+            _, compiled_floor = _floor(s, compiled=True)
             times = r["compile_seconds"]
             cells += [_ms(compiled), _ms(compiled_floor), f"{compiled / compiled_floor:.2f}", f"{compiled / floor:.2f}",
                       f"{times['syncbn_compiled']:.1f}, {times['local_bn_compiled']:.1f}"]
