@@ -6,7 +6,8 @@ Forward, on every rank of the group:
   3. the same merge everywhere, Chan's parallel formula in float64, which stays exact where
      the textbook ``E[x^2] - E[x]^2`` cancels catastrophically (channels with mean 1e4, std 1);
      with equal counts on every rank, one pass of BatchNorm's statistics kernel over the rows;
-  4. one fused ``F.batch_norm`` pass with the global statistics, keeping dtype and memory format.
+  4. one fused eval-mode ``torch.batch_norm`` pass with the global statistics, keeping dtype and
+     memory format.
 
 Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; one ``all_gather``
 of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
@@ -28,7 +29,6 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 
 # The process group's own all-gather (torch 2.14 named it all_gather_single), not the ``dist``
 # function around it: that wrapper's checks are Python work on every call, and CPU work right
@@ -104,10 +104,10 @@ def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_count
     if equal_counts:
         # Equal weights: the mean of the means, and the mean of the variances plus the (biased)
         # variance of the means; BatchNorm's statistics kernel over the rows gives all three at once.
+        # In place on a slice: ``moments[1] += ...`` would also copy the sum back onto itself.
         mean, var = torch.batch_norm_update_stats(gathered, None, None, 0.0)
-        moments = mean[1:].view(2, channels)
-        moments[1] += var[1 : channels + 1]
-        return moments
+        mean[channels + 1 :].add_(var[1 : channels + 1])
+        return mean[1:].view(2, channels)
     weights = gathered[:, :1].T / _at_least_one(count)
     moments = weights @ gathered[:, 1:]  # the weighted means of the means and of the variances
     deviation = gathered[:, 1 : channels + 1] - moments[:, :channels]
@@ -189,22 +189,27 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, var, count if ctx.count is None else None)
         # Even on a rank with no values: the output must depend on the gathered statistics, or a
         # compiler would drop the all-gather there as dead code and its peers would wait forever.
-        return F.batch_norm(x, mean, var, _cast(weight, mean.dtype), _cast(bias, mean.dtype), False, 0.0, eps)
+        return _normalize(x, mean, var, _cast(weight, mean.dtype), _cast(bias, mean.dtype), eps)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var, count = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
-        grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            # Every rank gathers, even one with no values: its peers may have some.
-            gathered = start_all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward")
-            count = ctx.count if count is None else count
-            per_sum, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps, count)  # while the sums travel
-            grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, gathered().sum(0))
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return *_gradients(ctx, grad_out), None, None, None, None, None
+
+
+def _gradients(ctx, grad_out) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The input, weight and bias gradients (those asked for); the input's needs the group's sums."""
+    x, weight, mean, var, count = ctx.saved_tensors
+    sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
+    grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        # Every rank gathers, even one with no values: its peers may have some.
+        gathered = start_all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward")
+        count = ctx.count if count is None else count
+        per_sum, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps, count)  # while the sums travel
+        grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, gathered().sum(0))
+    return grad_input, grad_weight, grad_bias
 
 
 def _local_grad_sums(grad_out, x, mean, var, eps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +242,14 @@ def _add_shift(grad_input, x, mean, var, eps, per_sum, sums) -> torch.Tensor:
     Also on a rank with no values: the gathered sums must be used (see forward).
     """
     shift_bias, shift_weight = sums.view(2, -1) * per_sum
-    return grad_input.add_(F.batch_norm(x, mean, var, shift_weight, shift_bias, False, 0.0, eps))
+    return grad_input.add_(_normalize(x, mean, var, shift_weight, shift_bias, eps))
+
+
+def _normalize(x, mean, var, weight, bias, eps) -> torch.Tensor:
+    """Eval-mode BatchNorm, ``(x - mean) / sqrt(var + eps) * weight + bias`` in one fused pass that
+    keeps dtype and memory format: ``torch.batch_norm`` itself, without ``F.batch_norm``'s Python
+    checks (``eps`` is checked once, in ``sync_batch_norm``)."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
 def sync_batch_norm(
@@ -258,4 +270,6 @@ def sync_batch_norm(
     ``bias.grad`` are this rank's share of it, so their sum over ranks (or DDP's average, paired
     with DDP's averaged upstream gradients) is the gradient of BatchNorm over the global batch.
     """
+    if eps <= 0:  # as F.batch_norm in training; the layer's own passes run it in eval mode
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)

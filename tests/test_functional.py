@@ -1,5 +1,6 @@
 """The functional core on real Gloo groups: statistics that stay exact (far from zero, in float64,
-in half precision), the single-value error on every rank, and a collective that fails in time."""
+in half precision), the single-value error on every rank, eps checked as torch does, and a
+collective that fails in time."""
 
 from __future__ import annotations
 
@@ -113,6 +114,22 @@ def single_value_in_group(sizes: tuple) -> str:
 def test_one_value_per_channel_in_the_whole_group_raises_on_every_rank(gloo_group, world_size, sizes):
     for message in gloo_group(world_size).run(single_value_in_group, sizes):
         assert message.startswith("Expected more than 1 value per channel when training")
+
+
+def eps_error(eps: float) -> str:
+    try:
+        SyncBatchNorm(3, eps=eps)(torch.randn(4, 3))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_must_be_positive_in_training_synchronized_or_not(gloo_group, world_size, eps):
+    """As torch's BatchNorm: one rank runs ``F.batch_norm``, a group the synchronized core."""
+    for message in gloo_group(world_size).run(eps_error, eps):
+        assert message == f"batch_norm eps must be positive during training, but got {eps}"
 
 
 def stall_between_forward_and_backward(stall_s: float) -> tuple[float, str]:
