@@ -1,6 +1,6 @@
 """The functional core on real Gloo groups: statistics that stay exact (far from zero, in float64,
-in half precision), the single-value error on every rank, eps checked as torch does, and a
-collective that fails in time."""
+in half precision), the single-value error on every rank, eps checked as torch does, a second
+derivative refused loudly, and a collective that fails in time."""
 
 from __future__ import annotations
 
@@ -114,6 +114,43 @@ def single_value_in_group(sizes: tuple) -> str:
 def test_one_value_per_channel_in_the_whole_group_raises_on_every_rank(gloo_group, world_size, sizes):
     for message in gloo_group(world_size).run(single_value_in_group, sizes):
         assert message.startswith("Expected more than 1 value per channel when training")
+
+
+def first_and_second_derivatives(x_global: torch.Tensor) -> dict:
+    """The input gradient with and without create_graph=True, then each way of asking for its own
+    gradient: by autograd.grad to the input and to the weight, by backward(), and for a loss linear
+    in the output (whose incoming gradient does not itself require grad)."""
+    layer = SyncBatchNorm(3).double()
+    x = x_global.chunk(dist.get_world_size())[dist.get_rank()].clone().requires_grad_()
+    kept, = torch.autograd.grad((layer(x) ** 3).sum(), x, create_graph=True)
+    plain, = torch.autograd.grad((layer(x) ** 3).sum(), x)
+    weights = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    second = {
+        "grad to x": lambda g: torch.autograd.grad((g ** 2).sum(), x),
+        "grad to weight": lambda g: torch.autograd.grad((g ** 2).sum(), layer.weight),
+        "backward": lambda g: (g ** 2).sum().backward(),
+    }
+    errors = {}
+    for loss_name, loss in {"cubic": lambda y: (y ** 3).sum(), "linear": lambda y: (y * weights).sum()}.items():
+        for name, differentiate in second.items():
+            g, = torch.autograd.grad(loss(layer(x)), x, create_graph=True)
+            try:
+                differentiate(g)
+                errors[f"{loss_name}, {name}"] = "no error"
+            except RuntimeError as error:
+                errors[f"{loss_name}, {name}"] = str(error)
+    return dict(kept=kept.detach(), plain=plain, errors=errors)
+
+
+def test_create_graph_keeps_the_first_derivative_and_a_second_one_raises(gloo_group):
+    """A gradient penalty through the layer must fail loudly: a second derivative that held the
+    gathered sums constant would be silently wrong. The first derivative is the same either way."""
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for rank in gloo_group(2).run(first_and_second_derivatives, x):
+        assert torch.equal(rank["kept"], rank["plain"])
+        assert len(rank["errors"]) == 6
+        for how, message in rank["errors"].items():
+            assert message.startswith("SyncBatchNorm has no second derivative"), (how, message)
 
 
 def eps_error(eps: float) -> str:
