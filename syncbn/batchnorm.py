@@ -80,17 +80,21 @@ class SyncBatchNorm(_BatchNorm):
         _check_input(self, input)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.dim() != self.last_input_dim:  # nn.Module.__setattr__ costs microseconds per call
+        # Checked in full only when the input's rank or channels change (nn.Module's __setattr__
+        # costs a microsecond): at one rank this layer must cost what F.batch_norm does.
+        if input.dim() != self.last_input_dim or input.size(1) != self.num_features:
+            self._check_input_dim(input)
             self.last_input_dim = input.dim()
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.running_mean is None and self.running_var is None, momentum, self.eps)
-        running_mean, running_var = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+                                self.running_mean is None and self.running_var is None, 0.0, self.eps)
+        momentum, running_mean, running_var = self.momentum, None, None
+        if self.track_running_stats:
+            running_mean, running_var, batches = self.running_mean, self.running_var, self.num_batches_tracked
+            if batches is not None:
+                batches.add_(1)
+                momentum = 1.0 / float(batches) if momentum is None else momentum
+        momentum = 0.0 if momentum is None else momentum
         group = self._group()
         # Compiled, the cumulative average's momentum 1/n is a traced value, which F.batch_norm
         # cannot take without a graph break (pytorch/pytorch#194504); the synchronized core can.

@@ -230,13 +230,19 @@ def test_subgroups_synchronize_within_their_own_group(gloo_group):
         torch.testing.assert_close(torch.cat(outputs[2 * pair : 2 * pair + 2]), expected, **EXACT)
 
 
+@pytest.mark.parametrize("seen", [None, (3, 4), (3, 4, 2)], ids=["fresh", "after-2d", "after-3d"])
 @pytest.mark.parametrize(
     "shape,match",
-    [((4,), r"at least 2 dimensions, got a 1D input of shape \(4,\)"), ((2, 5), r"expects 4 channels.*\(2, 5\) with 5")],
+    [((4,), r"at least 2 dimensions, got a 1D input of shape \(4,\)"), ((2, 5), r"expects 4 channels.*\(2, 5\) with 5"),
+     ((2, 3, 2), r"expects 4 channels.*\(2, 3, 2\) with 3")],
 )
-def test_bad_input_shape_is_a_clear_error(shape, match):
+def test_bad_input_shape_is_a_clear_error(shape, match, seen):
+    """Also after good inputs (the layer checks in full only when the input's rank or channels change)."""
+    layer = SyncBatchNorm(4)
+    if seen:
+        layer(torch.randn(seen))
     with pytest.raises(ValueError, match=match):
-        SyncBatchNorm(4)(torch.randn(shape))
+        layer(torch.randn(shape))
 
 
 def _tiny_net(norm: type[nn.Module]) -> nn.Module:
