@@ -15,7 +15,7 @@ the input gradient in closed form: its ``a * dy`` term while the sums travel, th
 With ``create_graph=True`` these first derivatives stay in the graph; asking for a second raises
 (the gathered sums are not differentiated again).
 
-All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.4-4.5x at 2
+All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.0-2.6x at 2
 ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
 input needs no gradient, backward needs no collective (weight and bias gradients are local shares).
 
