@@ -116,24 +116,24 @@ def test_one_value_per_channel_in_the_whole_group_raises_on_every_rank(gloo_grou
         assert message.startswith("Expected more than 1 value per channel when training")
 
 
-def first_and_second_derivatives(x_global: torch.Tensor) -> dict:
-    """The input gradient with and without create_graph=True, then each way of asking for its own
-    gradient: by autograd.grad to the input and to the weight, by backward(), and for a loss linear
-    in the output (whose incoming gradient does not itself require grad)."""
-    layer = SyncBatchNorm(3).double()
-    x = x_global.chunk(dist.get_world_size())[dist.get_rank()].clone().requires_grad_()
-    kept, = torch.autograd.grad((layer(x) ** 3).sum(), x, create_graph=True)
-    plain, = torch.autograd.grad((layer(x) ** 3).sum(), x)
+def first_and_second_derivatives(x_global: torch.Tensor, affine: bool, input_grad: bool) -> dict:
+    """The first derivative (to the input, or to the weight where the input needs none) with and
+    without create_graph=True, then each way of asking for its own gradient: autograd.grad to the
+    input or the weight, and backward(); for a loss cubic and one linear in the output (whose
+    incoming gradient does not itself require grad)."""
+    layer = SyncBatchNorm(3, affine=affine).double()
+    x = x_global.chunk(dist.get_world_size())[dist.get_rank()].clone().requires_grad_(input_grad)
+    first = x if input_grad else layer.weight
+    kept, = torch.autograd.grad((layer(x) ** 3).sum(), first, create_graph=True)
+    plain, = torch.autograd.grad((layer(x) ** 3).sum(), first)
     weights = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    second = {
-        "grad to x": lambda g: torch.autograd.grad((g ** 2).sum(), x),
-        "grad to weight": lambda g: torch.autograd.grad((g ** 2).sum(), layer.weight),
-        "backward": lambda g: (g ** 2).sum().backward(),
-    }
+    second = {"backward": lambda g: (g ** 2).sum().backward()}
+    second |= {f"grad to {name}": (lambda to: lambda g: torch.autograd.grad((g ** 2).sum(), to))(to)
+               for name, to in (("x", x), ("weight", layer.weight)) if to is not None and to.requires_grad}
     errors = {}
     for loss_name, loss in {"cubic": lambda y: (y ** 3).sum(), "linear": lambda y: (y * weights).sum()}.items():
         for name, differentiate in second.items():
-            g, = torch.autograd.grad(loss(layer(x)), x, create_graph=True)
+            g, = torch.autograd.grad(loss(layer(x)), first, create_graph=True)
             try:
                 differentiate(g)
                 errors[f"{loss_name}, {name}"] = "no error"
@@ -142,13 +142,16 @@ def first_and_second_derivatives(x_global: torch.Tensor) -> dict:
     return dict(kept=kept.detach(), plain=plain, errors=errors)
 
 
-def test_create_graph_keeps_the_first_derivative_and_a_second_one_raises(gloo_group):
+@pytest.mark.parametrize("affine,input_grad", [(True, True), (False, True), (True, False)],
+                         ids=["affine", "affine-off", "weight-only"])
+def test_create_graph_keeps_the_first_derivative_and_a_second_one_raises(gloo_group, affine, input_grad):
     """A gradient penalty through the layer must fail loudly: a second derivative that held the
     gathered sums constant would be silently wrong. The first derivative is the same either way."""
     x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    for rank in gloo_group(2).run(first_and_second_derivatives, x):
+    ways = 2 * (1 + affine + input_grad)
+    for rank in gloo_group(2).run(first_and_second_derivatives, x, affine, input_grad):
         assert torch.equal(rank["kept"], rank["plain"])
-        assert len(rank["errors"]) == 6
+        assert len(rank["errors"]) == ways
         for how, message in rank["errors"].items():
             assert message.startswith("SyncBatchNorm has no second derivative"), (how, message)
 
