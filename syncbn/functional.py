@@ -195,15 +195,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: the first derivatives are kept, the second refused
-            with torch.no_grad():
-                grad_input, grad_weight, grad_bias = _gradients(ctx, grad_out)
-            x, weight = ctx.saved_tensors[:2]
-            grad_input, grad_weight, grad_bias = _NoSecondDerivative.apply(
-                grad_out, x, weight, grad_input, grad_weight, grad_bias)
-        else:
-            grad_input, grad_weight, grad_bias = _gradients(ctx, grad_out)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        saved = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return *_gradients(ctx, grad_out, *saved), None, None, None, None, None
+        # create_graph=True: the first derivatives are kept, the second refused.
+        with torch.no_grad():
+            grads = _gradients(ctx, grad_out, *saved)
+        x, weight = saved[:2]
+        return *_NoSecondDerivative.apply(grad_out, x, weight, *grads), None, None, None, None, None
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -226,9 +225,8 @@ class _NoSecondDerivative(torch.autograd.Function):
         )
 
 
-def _gradients(ctx, grad_out) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _gradients(ctx, grad_out, x, weight, mean, var, count) -> tuple[torch.Tensor | None, ...]:
     """The input, weight and bias gradients (those asked for); the input's needs the group's sums."""
-    x, weight, mean, var, count = ctx.saved_tensors
     sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
     grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
     grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
