@@ -1,5 +1,5 @@
-"""SyncBatchNorm against nn.BatchNorm on the concatenated global batch, on real Gloo groups; the
-module's collectives, DDP, convert/revert and GhostBatchNorm."""
+"""SyncBatchNorm against nn.BatchNorm on the concatenated global batch, on real Gloo groups (also
+for inputs that are strided views); the module's collectives, DDP, convert/revert and GhostBatchNorm."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ SHAPES = {  # per-sample shape (C, *spatial) and memory format
     "NCDHW": ((2, 3, 3, 3), torch.contiguous_format),
     "NCDHW-channels_last_3d": ((2, 3, 3, 3), torch.channels_last_3d),
 }
+LAYOUTS = {  # each rank's input as a view of the same values that is not contiguous
+    "transposed": lambda t: t.transpose(0, -1).contiguous().transpose(0, -1),
+    "stepped": lambda t: torch.stack([t, t], -1)[..., 0],  # every other element of a wider tensor
+    "expanded": lambda t: t[..., :1].expand_as(t),  # stride 0: the case's values repeat along the last dim
+}
 SPLITS = {  # per-rank batch sizes, cut to the world size
     "equal": (4, 4, 4, 4),
     "unequal": (3, 5, 1, 6),
@@ -53,18 +58,24 @@ class Case:
     track: bool = True
     dtype: torch.dtype = torch.float64
     eps: float = 1e-5
+    layout: str | None = None  # a key of LAYOUTS, or contiguous in ``memory_format``
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
         shape = (sum(self.sizes), *self.sample_shape)
         return [
-            (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1, torch.randn(shape, generator=gen, dtype=torch.float64))
+            (self._values(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1),
+             self._values(torch.randn(shape, generator=gen, dtype=torch.float64)))
             for _ in range(STEPS)
         ]
 
     def eval_batch(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(99)
-        return torch.randn((3 * len(self.sizes), *self.sample_shape), generator=gen, dtype=torch.float64)
+        return self._values(torch.randn((3 * len(self.sizes), *self.sample_shape), generator=gen, dtype=torch.float64))
+
+    def _values(self, t: torch.Tensor) -> torch.Tensor:
+        """The expanded layout's tensors (inputs and output gradients) repeat along the last dim."""
+        return t[..., :1].expand_as(t).contiguous() if self.layout == "expanded" else t
 
     def make(self, cls, **kwargs) -> nn.Module:
         layer = cls(self.sample_shape[0], eps=self.eps, momentum=self.momentum, affine=self.affine,
@@ -79,7 +90,8 @@ class Case:
     def local(self, t: torch.Tensor, rank: int, sizes: tuple | None = None) -> torch.Tensor:
         sizes = sizes or self.sizes
         start = sum(sizes[:rank])
-        return t[start : start + sizes[rank]].to(self.dtype).contiguous(memory_format=self.memory_format)
+        t = t[start : start + sizes[rank]].to(self.dtype).contiguous(memory_format=self.memory_format)
+        return LAYOUTS[self.layout](t) if self.layout else t
 
 
 def _state(layer: nn.Module) -> dict:
@@ -171,6 +183,14 @@ def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, sp
         case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track)
         ranks = gloo_group(world_size).run(run_layer_on_rank, case)
         assert_matches_reference(case, ranks, reference(case))
+
+
+@pytest.mark.parametrize("shape,layout", [("NC", "transposed"), ("NC", "stepped"), ("NCHW", "transposed"),
+                                          ("NCHW", "stepped"), ("NCHW", "expanded")])
+def test_inputs_that_are_views_with_any_strides_give_batchnorm_on_the_global_batch(gloo_group, shape, layout):
+    case = Case(*SHAPES[shape], SPLITS["unequal"][:2], layout=layout)
+    assert not case.local(case.global_batches()[0][0], 0).is_contiguous()
+    assert_matches_reference(case, gloo_group(2).run(run_layer_on_rank, case), reference(case))
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
