@@ -127,15 +127,14 @@ def first_and_second_derivatives(x_global: torch.Tensor, affine: bool, input_gra
     kept, = torch.autograd.grad((layer(x) ** 3).sum(), first, create_graph=True)
     plain, = torch.autograd.grad((layer(x) ** 3).sum(), first)
     weights = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    second = {"backward": lambda g: (g ** 2).sum().backward()}
-    second |= {f"grad to {name}": (lambda to: lambda g: torch.autograd.grad((g ** 2).sum(), to))(to)
-               for name, to in (("x", x), ("weight", layer.weight)) if to is not None and to.requires_grad}
+    targets = {"backward": None} | {f"grad to {name}": to for name, to in (("x", x), ("weight", layer.weight))
+                                    if to is not None and to.requires_grad}
     errors = {}
     for loss_name, loss in {"cubic": lambda y: (y ** 3).sum(), "linear": lambda y: (y * weights).sum()}.items():
-        for name, differentiate in second.items():
+        for name, to in targets.items():
             g, = torch.autograd.grad(loss(layer(x)), first, create_graph=True)
             try:
-                differentiate(g)
+                (g ** 2).sum().backward() if to is None else torch.autograd.grad((g ** 2).sum(), to)
                 errors[f"{loss_name}, {name}"] = "no error"
             except RuntimeError as error:
                 errors[f"{loss_name}, {name}"] = str(error)
