@@ -6,9 +6,10 @@
     python -m syncbn.bench --help          # every knob
 
 Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
-in the same run, interleaved (A B C, B C A, C A B ...), after the same warm-up, hold. Each figure is the
-median over repeats of the slowest rank's time per call (a repeat: at least ``iters`` calls and
-``sample_ms``).
+in the same run hold when they are timed call by call, interleaved in an order shuffled every round,
+and read as medians. Each figure is the median over ``calls`` calls of the slowest rank's time of the
+call. A second copy of the floor (``floor_again``) is timed beside it: its ratio to the floor is the
+run's own noise, the margin within which two contenders cannot be told apart.
 
 Cases, each at every world size (ranks are local processes started by torch's elastic launcher):
 1. layer: forward + backward of one norm layer, float32, per-rank shapes (25, 100), (100, 100),
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -72,9 +72,7 @@ class Settings:
     world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     shapes: list[str] = field(default_factory=lambda: list(LAYER_SHAPES))
     warmup: int = 10
-    repeats: int = 21
-    iters: int = 20
-    sample_ms: float = 50.0
+    calls: int = 420
     compile: bool = True
     step_norms: list[str] = field(default_factory=lambda: list(STEP_NORMS))
     startup_launches: int = 6
@@ -86,37 +84,34 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, repeats=5, iters=5,
-                   sample_ms=5.0, step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
+        return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, calls=25,
+                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
                    sweep_repeats=1)
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:
-    """Per contender: the slowest rank's seconds per call, for each repeat (interleaved, rotating).
-    A sample is at least ``iters`` calls and at least ``sample_ms`` long (a 0.1 ms call timed 20
-    times would be a 2 ms sample, at the scheduler's mercy), as the warm-up's pace says."""
-    calls = _calls_per_sample(contenders, settings, device)
-    local = torch.zeros(len(contenders), settings.repeats, dtype=torch.float64)
+    """Per contender: the slowest rank's seconds of each of ``settings.calls`` timed calls.
+
+    Calls are timed one by one, every contender once per round, in an order shuffled every round (the
+    same on every rank): contenders share the machine's slow and quiet moments, and none always runs
+    after another (what ran before a call changes its time by several percent here). Read the lists
+    by their medians: a sample of many calls in a row is at the mercy of the moments it hits, and a
+    call-by-call median is not (docs/performance.md measures both ways against ``floor_again``)."""
     fns = list(contenders.values())
-    for repeat in range(settings.repeats):
-        # Each repeat starts with the next contender (A B C, B C A, ...): no one is always first.
-        for index in [(repeat + k) % len(fns) for k in range(len(fns))]:
-            fn = fns[index]
-            dist.barrier()
-            _sync(device)
+    for _ in range(settings.warmup):
+        for fn in fns:
+            fn()
+    order = torch.Generator().manual_seed(0)
+    seconds = torch.zeros(len(fns), settings.calls, dtype=torch.float64)
+    dist.barrier()
+    for call in range(settings.calls):
+        for index in torch.randperm(len(fns), generator=order).tolist():
             start = time.perf_counter()
-            for _ in range(calls[index]):
-                fn()
+            fns[index]()
             _sync(device)
-            local[index, repeat] = (time.perf_counter() - start) / calls[index]
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)
-    return {name: local[index].tolist() for index, name in enumerate(contenders)}
-
-
-def _calls_per_sample(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> list[int]:
-    """Run the warm-up; from its pace (the slowest rank's), the calls per timed sample."""
-    seconds = _slowest_rank_seconds(contenders, max(settings.warmup, 1), device)
-    return [max(settings.iters, math.ceil(settings.sample_ms / 1e3 / max(s, 1e-9))) for s in seconds.values()]
+            seconds[index, call] = time.perf_counter() - start
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return {name: seconds[index].tolist() for index, name in enumerate(contenders)}
 
 
 def first_calls(contenders: dict[str, Callable[[], None]], device: torch.device) -> dict:
@@ -230,6 +225,9 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
         contenders["bn_inside_gathers"] = _bn_with_gathers(plain, x, grad, payloads, in_flight=True)
         if compiled:
             compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads)
+    # The eager floor once more, timed beside it: how far apart two copies of one contender come out.
+    contenders["floor_again"] = (_bn_with_gathers(plain, x, grad, payloads) if ctx.world_size > 1
+                                 else _layer_pass(plain, x, grad))
     return dict(
         case="layer", shape=name, world_size=ctx.world_size,
         seconds=time_interleaved(contenders | compiled, settings, ctx.device),
@@ -336,10 +334,7 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=defaults.world_sizes)
     parser.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=defaults.shapes)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per contender")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed samples per contender")
-    parser.add_argument("--iters", type=int, default=defaults.iters, help="calls per timed sample, at least")
-    parser.add_argument("--sample-ms", type=float, default=defaults.sample_ms,
-                        help="milliseconds per timed sample, at least (more calls for fast contenders)")
+    parser.add_argument("--calls", type=int, default=defaults.calls, help="timed calls per contender")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out the torch.compile'd contenders (and their compile time)")
     parser.add_argument("--step-norms", nargs="+", choices=STEP_NORMS, default=defaults.step_norms)
@@ -357,6 +352,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
                         help="JSON file with every raw figure (outputs/ is git-ignored)")
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
     if args.sweep_repeats < 1:
         parser.error(f"--sweep-repeats must be at least 1, got {args.sweep_repeats}")
     if args.startup_launches < 2:

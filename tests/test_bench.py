@@ -8,7 +8,7 @@ from syncbn.trainer import cannot_compile
 COMPILES = cannot_compile() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
-        "--sweep-epochs", "1", "--warmup", "1", "--repeats", "2", "--iters", "2", "--per-run-world-sizes", "1"]
+        "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "1"]
 
 
 def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
@@ -17,14 +17,14 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m syncbn.bench --quick")
     assert {"cpu", "cores", "torch", "python", "cuda"} <= report["machine"].keys()
-    assert report["backend"] == "gloo" and report["settings"]["repeats"] == 2
+    assert report["backend"] == "gloo" and report["settings"]["calls"] == 2
     by_case = {}
     for result in report["results"]:
         by_case.setdefault(result["case"], []).append(result)
     [layer] = by_case["layer"]
     assert layer["world_size"] == 2 and layer["shape"] == "(25,100)"
     compiled = {"syncbn_compiled", "local_bn_compiled"} if COMPILES else set()
-    floors = {"floor_allgather", "floor_allreduce", "bn_with_gathers", "bn_inside_gathers"} | ({"bn_compiled_with_gathers"} if COMPILES else set())
+    floors = {"floor_allgather", "floor_allreduce", "bn_with_gathers", "bn_inside_gathers", "floor_again"} | ({"bn_compiled_with_gathers"} if COMPILES else set())
     assert layer["seconds"].keys() == {"syncbn", "local_bn"} | floors | compiled
     assert layer["compile_seconds"].keys() == compiled and all(s > 0 for s in layer["compile_seconds"].values())
     assert all(len(samples) == 2 and min(samples) > 0 for samples in layer["seconds"].values())
@@ -41,6 +41,6 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
-    assert "| world | shape | floor | floor ms | syncbn / floor |" in printed and "sweep command s" in printed
+    assert "| world | shape | floor | floor ms | syncbn / floor | floor again / floor |" in printed and "sweep command s" in printed
     assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 1 | 2 x 1 |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
