@@ -18,7 +18,8 @@ Cases, each at every world size (ranks are local processes started by torch's el
    ``torch.compile(fullgraph=True)``; ``nn.SyncBatchNorm`` where CUDA is present; and the
    communication floor: the two bare all-gathers of the layer's packed payloads (also timed as
    all-reduces, the measurement behind choosing all-gather), and local BN, eager and compiled,
-   with them in place; eager, also with each collective in flight during the BN work.
+   with them in place; eager, also with each collective in flight during the BN work; and the least
+   a synchronized BN can be on CPU (``syncbn/bench_minimum.py``).
 2. step: one DDP training step of the trainer's MLP (5 norm layers), norm = syncbn / bn / none,
    eager and ``torch.compile``d (as ``train.compile=true``).
 3. startup: what starting W ranks costs a job: launches of W ranks that join a process group and
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 
 from syncbn import distributed
 from syncbn.batchnorm import SyncBatchNorm
+from syncbn.bench_minimum import MinimumSyncBatchNorm
 from syncbn.bench_sweep import bench_sweep, plain_sweep
 from syncbn.bench_tables import report
 from syncbn.config import DistConfig, ModelConfig, NormConfig
@@ -223,6 +225,7 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
         contenders["floor_allreduce"] = _reduce_floor(payloads)
         contenders["bn_with_gathers"] = _bn_with_gathers(plain, x, grad, payloads)
         contenders["bn_inside_gathers"] = _bn_with_gathers(plain, x, grad, payloads, in_flight=True)
+        contenders["sync_minimum"] = _layer_pass(MinimumSyncBatchNorm(channels, ctx.device), x, grad)
         if compiled:
             compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads)
     # The eager floor once more, timed beside it: how far apart two copies of one contender come out.
