@@ -1,7 +1,7 @@
 """Benchmarks, side by side in one run: SyncBatchNorm against local BatchNorm and the bare collectives.
 
     python -m syncbn.bench                 # full: world sizes 1, 2, 4 (docs/performance.md)
-    python -m syncbn.bench --quick         # everyday check, about a minute
+    python -m syncbn.bench --quick         # everyday check, about two minutes (compiling most of it)
     python -m syncbn.bench --plain-sweep   # only the sweep case's baseline: the plain loop
     python -m syncbn.bench --help          # every knob
 
@@ -334,7 +334,8 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     quick = "--quick" in argv
     defaults = Settings.quick() if quick else Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small run for everyday use (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run for everyday use (about two minutes; 40 s with --no-compile)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=defaults.world_sizes)
     parser.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=defaults.shapes)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per contender")
