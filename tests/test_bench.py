@@ -51,7 +51,6 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
 
 
-
 def least_sync_bn_on_rank(x: torch.Tensor) -> dict:
     x = x[dist.get_rank()].clone().requires_grad_()
     layer = MinimumSyncBatchNorm(x.size(1), torch.device("cpu"))
