@@ -96,9 +96,10 @@ def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settin
 
     Calls are timed one by one, every contender once per round, in an order shuffled every round (the
     same on every rank): contenders share the machine's slow and quiet moments, and none always runs
-    after another (what ran before a call changes its time by several percent here). Read the lists
-    by their medians: a sample of many calls in a row is at the mercy of the moments it hits, and a
-    call-by-call median is not (docs/performance.md measures both ways against ``floor_again``)."""
+    after another (what ran before a call changes its time by several percent here). On CUDA each
+    call is synchronized before its time is read. Read the lists by their medians: a sample of many
+    calls in a row is at the mercy of the moments it hits, and a call-by-call median is not
+    (docs/performance.md measures both ways against ``floor_again``)."""
     fns = list(contenders.values())
     for _ in range(settings.warmup):
         for fn in fns:

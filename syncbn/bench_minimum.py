@@ -18,6 +18,8 @@ import torch.nn as nn
 
 from syncbn.functional import start_all_gather
 
+_EPS = 1e-5
+
 
 class _Minimum(torch.autograd.Function):
     @staticmethod
@@ -26,16 +28,16 @@ class _Minimum(torch.autograd.Function):
         mean, var = start_all_gather(torch.cat([mean, var]), group, "minimum forward")()[0].view(2, -1)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.group = group
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, 1e-5, False)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, _EPS, False)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, var = ctx.saved_tensors
         _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, None, mean, var, None, None, False, 1e-5, [False, True, True])
+            grad_out, x, None, mean, var, None, None, False, _EPS, [False, True, True])
         start_all_gather(torch.cat([grad_bias, grad_weight]), ctx.group, "minimum backward")()
         grad_input = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, mean, var, None, None, False, 1e-5, [True, False, False])[0]
+            grad_out, x, weight, mean, var, None, None, False, _EPS, [True, False, False])[0]
         return grad_input, grad_weight, grad_bias, None
 
 
