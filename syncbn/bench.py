@@ -230,9 +230,8 @@ def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> 
         contenders["sync_minimum"] = _layer_pass(MinimumSyncBatchNorm(channels, ctx.device), x, grad)
         if compiled:
             compiled["bn_compiled_with_gathers"] = _bn_with_gathers(plain_compiled, x, grad, payloads)
-    # The eager floor once more, timed beside it: how far apart two copies of one contender come out.
-    contenders["floor_again"] = (_bn_with_gathers(plain, x, grad, payloads) if ctx.world_size > 1
-                                 else _layer_pass(plain, x, grad))
+    # The eager floor timed twice per round: how far apart two copies of one contender come out.
+    contenders["floor_again"] = contenders.get("bn_with_gathers", contenders["local_bn"])
     return dict(
         case="layer", shape=name, world_size=ctx.world_size,
         seconds=time_interleaved(contenders | compiled, settings, ctx.device),
