@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from syncbn.config import Config, ConfigError, Member, is_sweep, members, register, to_config, validate
+from syncbn.config import (Config, ConfigError, Member, batch_sizes, is_sweep, members, register, to_config, validate,
+                           validate_batches)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -108,3 +109,175 @@ def test_a_single_run_is_one_member_and_unset_sweep_lists_hold_its_values():
 def test_keys_appended_with_plus_are_not_dropped_silently(override):
     with pytest.raises(ConfigError, match=f"unknown config key {override[1:].split('=')[0]}"):
         compose_config(override)
+
+
+def _refusal(config: Config, world_size: int) -> str | None:
+    try:
+        validate(config, world_size)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+# Every check of ``validate``, at its limit and on both sides of it: (overrides, world size, the
+# whole message, or None where the value must be accepted).
+BOUNDARIES = [
+    ([], 1, None), ([], 2, None), ([], 4, None),
+    # choices the groups cannot catch (a key of a group's node, not the group)
+    (["norm.name=batchnorm"], 1, "norm must be one of syncbn, bn, none, layernorm, groupnorm, got 'batchnorm'"),
+    (["optim.name=rmsprop"], 1, "optim must be one of sgd, adam, got 'rmsprop'"),
+    (["data.name=cifar"], 1, "data must be one of mnist5k, mnist, got 'cifar'"),
+    (["model.name=resnet"], 1, "model.name must be one of mlp, cnn, got 'resnet'"),
+    (["train.dtype=float16"], 1, "train.dtype must be one of float32, float64, got 'float16'"),
+    (["dist.backend=mpi"], 1, "dist.backend must be one of gloo, nccl, got 'mpi'"),
+    (["dist.backend=gloo"], 1, None), (["dist.backend=nccl"], 1, None), (["train.dtype=float64"], 1, None),
+    # norm
+    (["norm.eps=0"], 1, "norm.eps must be > 0, got 0.0"),
+    (["norm.eps=-1e-5"], 1, "norm.eps must be > 0, got -1e-05"),
+    (["norm.eps=1e-300"], 1, None),
+    (["norm.momentum=-0.01"], 1, "norm.momentum must be in [0, 1] (the weight of each new batch in the running "
+                                 "statistics), got -0.01"),
+    (["norm.momentum=0"], 1, None), (["norm.momentum=1"], 1, None),
+    (["norm.momentum=1.01"], 1, "norm.momentum must be in [0, 1] (the weight of each new batch in the running "
+                                "statistics), got 1.01"),
+    (["norm=groupnorm", "norm.num_groups=0"], 1,
+     "norm.num_groups=0 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+    (["norm=groupnorm", "norm.num_groups=3"], 1,
+     "norm.num_groups=3 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+    (["norm=groupnorm", "norm.num_groups=4", "model.hidden=[100,30]"], 1,
+     "norm.num_groups=4 must be >= 1 and divide every width of model.hidden=[100, 30]"),
+    (["norm=groupnorm", "norm.num_groups=1"], 1, None), (["norm=groupnorm", "norm.num_groups=100"], 1, None),
+    (["norm=syncbn", "norm.num_groups=3"], 1, None),  # only a groupnorm member uses it
+    (["norm=syncbn", "norm.num_groups=3", "sweep.norms=[syncbn,groupnorm]"], 1,
+     "norm.num_groups=3 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+    (["norm=syncbn", "norm.ghost_slices=2"], 1, "norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm=syncbn"),
+    (["norm=bn", "norm.ghost_slices=0"], 1, "norm.ghost_slices=0 must be >= 1 and divide the per-rank batch 100/1"),
+    (["norm=bn", "norm.ghost_slices=1"], 1, None), (["norm=bn", "norm.ghost_slices=100"], 1, None),
+    (["norm=bn", "norm.ghost_slices=3"], 1, "norm.ghost_slices=3 must be >= 1 and divide the per-rank batch 100/1"),
+    (["norm=bn", "norm.ghost_slices=50"], 2, None),
+    (["norm=bn", "norm.ghost_slices=50"], 4, "norm.ghost_slices=50 must be >= 1 and divide the per-rank batch 100/4"),
+    # values
+    (["optim.lr=0"], 1, "optim.lr must be > 0, got 0.0"), (["optim.lr=1e-300"], 1, None),
+    (["optim.momentum=-0.1"], 1, "optim.momentum must be >= 0, got -0.1"), (["optim.momentum=0"], 1, None),
+    (["optim.weight_decay=-0.1"], 1, "optim.weight_decay must be >= 0, got -0.1"), (["optim.weight_decay=0"], 1, None),
+    (["train.epochs=0"], 1, "train.epochs must be >= 1, got 0"), (["train.epochs=1"], 1, None),
+    (["train.eval_batch_size=0"], 1, "train.eval_batch_size must be >= 1, got 0"), (["train.eval_batch_size=1"], 1, None),
+    (["model.weight_scale=0"], 1, "model.weight_scale must be > 0, got 0.0"), (["model.weight_scale=1e-300"], 1, None),
+    (["model.dropout=-0.1"], 1, "model.dropout must be in [0, 1), got -0.1"), (["model.dropout=0"], 1, None),
+    (["model.dropout=0.99"], 1, None), (["model.dropout=1"], 1, "model.dropout must be in [0, 1), got 1.0"),
+    (["model.hidden=[]"], 1, "model.hidden must list at least one hidden layer width, got []"),
+    (["model.hidden=[5,0]"], 1, "model.hidden widths must be >= 1, got [5, 0]"), (["model.hidden=[1]"], 1, None),
+    (["data.train_size=0"], 1, "data.train_size must be >= 1 or null (all), got 0"),
+    (["data.train_size=1"], 1, None), (["data.train_size=null"], 1, None),
+    (["train.checkpoint_every_steps=0"], 1, "train.checkpoint_every_steps must be >= 1 or null, got 0"),
+    (["train.checkpoint_every_steps=1"], 1, None),
+    (["dist.timeout_s=0"], 1, "dist.timeout_s must be > 0, got 0.0"), (["dist.timeout_s=0.001"], 1, None),
+    (["dist.max_restarts=-1"], 1, "dist.max_restarts must be >= 0, got -1"), (["dist.max_restarts=0"], 1, None),
+    # the world
+    (["dist.nproc=0"], 1, "dist.nproc must be >= 1, got 0"), (["dist.nproc=-2"], 1, "dist.nproc must be >= 1, got -2"),
+    (["train.global_batch_size=3"], 4, "train.global_batch_size=3 is smaller than the world size 4"),
+    (["train.global_batch_size=4"], 4, None),
+    (["train.global_batch_size=6"], 4, "train.global_batch_size=6 is not divisible by the world size 4"),
+    (["fault.kill_rank=0"], 2, "fault.kill_rank and fault.kill_at_step go together: set both or neither"),
+    (["fault.kill_at_step=3"], 2, "fault.kill_rank and fault.kill_at_step go together: set both or neither"),
+    (["fault.kill_rank=0", "fault.kill_at_step=1"], 2, None), (["fault.kill_rank=1", "fault.kill_at_step=1"], 2, None),
+    (["fault.kill_rank=2", "fault.kill_at_step=1"], 2, "fault.kill_rank=2 is not a rank of this run (0 to 1)"),
+    (["fault.kill_rank=-1", "fault.kill_at_step=1"], 2, "fault.kill_rank=-1 is not a rank of this run (0 to 1)"),
+    (["fault.kill_rank=0", "fault.kill_at_step=0"], 1, "fault.kill_at_step must be >= 1, got 0"),
+    # the fused sweep
+    (["sweep.norms=[]"], 1, "sweep.norms must list at least one value, or be null (the single run's value), got []"),
+    (["sweep.weight_scales=[]"], 1,
+     "sweep.weight_scales must list at least one value, or be null (the single run's value), got []"),
+    (["sweep.seeds=[]"], 1, "sweep.seeds must list at least one value, or be null (the single run's value), got []"),
+    (["sweep.seeds=[0,1,0]"], 1, "sweep.seeds lists a value twice: [0, 1, 0]"),
+    (["sweep.norms=[none,bn,none]"], 1, "sweep.norms lists a value twice: ['none', 'bn', 'none']"),
+    (["sweep.weight_scales=[0.1,0.1]"], 1, "sweep.weight_scales lists a value twice: [0.1, 0.1]"),
+    (["sweep.norms=[bn,batchnorm]"], 1, "sweep.norms: each must be one of syncbn, bn, none, layernorm, groupnorm, got 'batchnorm'"),
+    (["sweep.weight_scales=[0.1,0]"], 1, "sweep.weight_scales must all be > 0, got [0.1, 0.0]"),
+    (["sweep.weight_scales=[1e-300]"], 1, None), (["sweep.seeds=[5]"], 1, None),
+    (["sweep.seeds=[0,1]", "model=cnn"], 1,
+     "a sweep trains its members as one batched MLP: model must be mlp, got cnn (sweep other models per run: "
+     "-m +experiment=weight_scale_sweep_per_run)"),
+    (["model=cnn"], 1, None),
+    (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], 1,
+     "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"),
+    (["sweep.seeds=[0,1]", "study.per_device_batch=50"], 1,
+     "the batch-size study (study.per_device_batch) trains single runs: leave sweep.* null"),
+]
+
+
+@pytest.mark.parametrize("overrides,world_size,message", BOUNDARIES, ids=lambda v: v if isinstance(v, str) else None)
+def test_every_validation_boundary_is_refused_outside_and_accepted_inside_with_its_whole_message(
+        overrides, world_size, message):
+    assert _refusal(compose_config(*overrides), world_size) == message
+
+
+def test_the_first_problem_in_the_documented_order_is_the_one_named():
+    """choices, sweep, norm, values, then the world: the message a user reads first is the one to fix first."""
+    config = compose_config("train.dtype=float16", "sweep.seeds=[]", "norm.eps=0", "optim.lr=0", "dist.nproc=0")
+    assert _refusal(config, 1).startswith("train.dtype")
+    config = compose_config("sweep.seeds=[]", "norm.eps=0", "optim.lr=0", "dist.nproc=0")
+    assert _refusal(config, 1).startswith("sweep.seeds")
+    assert _refusal(compose_config("norm.eps=0", "optim.lr=0", "dist.nproc=0"), 1).startswith("norm.eps")
+    assert _refusal(compose_config("optim.lr=0", "dist.nproc=0"), 1).startswith("optim.lr")
+
+
+@pytest.mark.parametrize("train_size,global_batch,world_size", [
+    (1000, 100, 1), (1000, 100, 2), (1000, 100, 4), (203, 100, 2), (201, 100, 2), (101, 100, 1), (99, 100, 1),
+    (7, 4, 2), (5, 4, 4), (3, 4, 4), (17, 6, 3), (1, 2, 2),
+])
+def test_batch_sizes_are_the_ones_the_sampler_and_loader_deal_each_rank(train_size, global_batch, world_size):
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    dataset = TensorDataset(torch.arange(train_size))
+    dealt = set()
+    for rank in range(world_size):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+        dealt |= {len(batch) for batch, in DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)}
+    assert batch_sizes(train_size, global_batch, world_size) == sorted(dealt)
+
+
+def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> str | None:
+    try:
+        validate_batches(compose_config(*overrides), world_size, train_size)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("overrides,world_size,train_size,refused", [
+    (["norm=syncbn"], 1, 1000, None),
+    (["norm=syncbn"], 1, 1001, "norm=syncbn would normalize a single sample"),  # a last batch of 1
+    (["norm=syncbn"], 2, 1002, None),  # each rank's last batch is 1: the group's is 2
+    (["norm=syncbn"], 2, 201, None),
+    (["norm=bn"], 2, 201, "norm=bn would normalize a single sample"),  # each rank's last batch of 1, on its own
+    (["norm=bn"], 2, 200, None), (["norm=bn"], 2, 204, None),
+    (["norm=bn", "norm.ghost_slices=2"], 1, 1002, "norm=bn would normalize a single sample"),  # 2 / 2 slices
+    (["norm=bn", "norm.ghost_slices=2"], 1, 1004, None),
+    (["norm=bn", "norm.ghost_slices=2"], 1, 1005, "norm.ghost_slices=2 must divide each of them"),
+    (["norm=none"], 1, 1001, None), (["norm=layernorm"], 1, 1001, None), (["norm=groupnorm"], 1, 1001, None),
+    (["norm=syncbn", "model=cnn"], 1, 1001, None),  # a feature map has H x W values per channel
+    (["norm=none", "sweep.norms=[none,bn]"], 2, 201, "norm=bn would normalize a single sample"),
+    (["norm=bn", "sweep.norms=[none,layernorm]"], 2, 201, None),  # the single run's norm is not a member
+])
+def test_batches_a_norm_cannot_take_are_refused_naming_the_norm_and_the_sizes(overrides, world_size, train_size, refused):
+    message = _batch_refusal(overrides, world_size, train_size)
+    if refused is None:
+        assert message is None
+        return
+    sizes = ", ".join(map(str, batch_sizes(train_size, 100, world_size)))
+    if "single sample" in refused:
+        refused += "; pick sizes that leave 0 or at least 2"
+    assert message == (f"data.train_size={train_size} in batches of train.global_batch_size=100 over {world_size} "
+                       f"rank(s) gives per-rank batches of {sizes}: {refused}")
+
+
+def test_register_puts_the_schema_that_types_every_group_in_hydras_store():
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.repo.pop("schema.yaml", None)
+    register()
+    assert store.repo["schema.yaml"].node._metadata.object_type is Config
+    assert isinstance(compose_config().norm.eps, float)
