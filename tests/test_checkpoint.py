@@ -1,6 +1,7 @@
+import os
 import random
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch.nn as nn
 
 from syncbn import checkpoint
 from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config, DataConfig, DistConfig, FaultConfig, NormConfig, OptimConfig, TrainConfig
+from syncbn.config import (Config, DataConfig, DistConfig, FaultConfig, NormConfig, OptimConfig, SweepConfig,
+                           TrainConfig)
 
 
 def test_save_keeps_the_previous_checkpoint_and_load_reads_the_latest(tmp_path):
@@ -89,3 +91,136 @@ def test_what_may_change_on_resume_is_how_long_how_often_and_where():
     assert checkpoint.settings(allowed) == checkpoint.settings(CONFIG)
     assert {"seed", "optim.lr", "model.weight_scale", "model.dropout", "norm.eps", "train.dtype",
             "train.global_batch_size", "data.train_size", "data.split_seed"} <= checkpoint.settings(CONFIG).keys()
+
+
+# Written out here, not read from checkpoint.MAY_CHANGE: the test states the policy on its own.
+KEYS_THAT_MAY_CHANGE = {
+    "train.epochs", "train.resume", "train.checkpoint_every_steps", "train.eval_batch_size", "train.compile",
+    "dist.nproc", "dist.backend", "dist.device", "dist.timeout_s", "dist.max_restarts",
+    "data.root", "data.download", "fault.kill_rank", "fault.kill_at_step", "study.max_real_ranks",
+}
+
+
+def _every_key(config: Config) -> dict:
+    return checkpoint._flatten(asdict(config))
+
+
+def _another(value):
+    """A value of the same kind that differs from ``value``."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return [*value, value[-1] if value else 1]
+    return [0.5] if value is None else None
+
+
+def test_the_keys_that_must_match_are_every_key_but_how_long_how_often_and_where():
+    every = _every_key(CONFIG)
+    assert KEYS_THAT_MAY_CHANGE <= every.keys()
+    assert checkpoint.settings(CONFIG).keys() == every.keys() - KEYS_THAT_MAY_CHANGE
+    assert {"sweep.weight_scales", "sweep.norms", "sweep.seeds"} <= checkpoint.settings(CONFIG).keys()
+
+
+@pytest.mark.parametrize("key", sorted(_every_key(CONFIG)))
+def test_changing_any_key_is_refused_naming_it_unless_it_may_change(tmp_path, key):
+    state = {"signature": _signature()}
+    flat = _every_key(CONFIG)
+    changed = dict(flat, **{key: _another(flat[key])})
+    expected = dict(_signature(), settings={k: v for k, v in changed.items() if k in checkpoint.settings(CONFIG)})
+    if key in KEYS_THAT_MAY_CHANGE:
+        checkpoint.check_compatible(state, expected, tmp_path)
+        return
+    with pytest.raises(CheckpointError) as refusal:
+        checkpoint.check_compatible(state, expected, tmp_path)
+    assert str(refusal.value) == (
+        f"the checkpoint in {tmp_path} was trained with other settings: {key}={flat[key]} there, {changed[key]} here. "
+        "Keep them to resume, or use another run directory (hydra.run.dir=...) or train.resume=false")
+
+
+@pytest.mark.parametrize("sweep", [
+    SweepConfig(weight_scales=[0.1, 0.2]), SweepConfig(norms=["syncbn", "none"]), SweepConfig(seeds=[0, 1]),
+])
+def test_a_sweep_resumes_only_as_the_same_sweep(tmp_path, sweep):
+    """Its members are its identity: another list of scales, norms or seeds would relabel the networks."""
+    state = {"signature": _signature(replace(CONFIG, sweep=sweep))}
+    for other in (CONFIG, replace(CONFIG, sweep=replace(sweep, **{k: v[::-1] for k, v in asdict(sweep).items() if v}))):
+        with pytest.raises(CheckpointError, match="sweep"):
+            checkpoint.check_compatible(state, _signature(other), tmp_path)
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line_whatever_else_it_lacks(tmp_path):
+    for old in ({"settings": {}}, {"format": 1, "settings": {}, "world_size": 2, "shapes": {}}):
+        with pytest.raises(CheckpointError) as refusal:
+            checkpoint.check_compatible({"signature": old}, _signature(), tmp_path)
+        assert str(refusal.value) == (
+            f"the checkpoint in {tmp_path} was trained with other settings: checkpoint format 1 there (an older "
+            f"syncbn), {checkpoint.FORMAT} here. Keep them to resume, or use another run directory "
+            "(hydra.run.dir=...) or train.resume=false")
+
+
+def test_a_model_of_another_shape_is_named_by_its_first_differing_tensor_by_name_and_only_when_settings_agree(tmp_path):
+    state = {"signature": _signature(model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))}
+    with pytest.raises(CheckpointError, match=r": a model of another shape \(1.bias: \(2,\) there, \(3,\) here\)\."):
+        checkpoint.check_compatible(state, _signature(model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))), tmp_path)
+    with pytest.raises(CheckpointError, match=r": a model of another shape \(2.bias: \(5,\) there, None here\)\."):
+        checkpoint.check_compatible(
+            {"signature": _signature(model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 5)))},
+            _signature(model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))), tmp_path)
+    with pytest.raises(CheckpointError, match=r"settings: seed=0 there, 1 here\. Keep"):  # the settings say more
+        checkpoint.check_compatible(state, _signature(replace(CONFIG, seed=1), model=nn.Linear(3, 4)), tmp_path)
+
+
+def _state(epoch: int, *last_epoch_diverged: bool) -> dict:
+    history = [dict(epoch=1, diverged=False) for _ in last_epoch_diverged]
+    history += [dict(epoch=epoch - 1, diverged=d) for d in last_epoch_diverged]
+    return {"progress": {"epoch": epoch, "history": history}}
+
+
+@pytest.mark.parametrize("state,epochs,why", [
+    (_state(4, False), 5, None),
+    (_state(5, False), 5, None),  # 4 trained of 5
+    (_state(6, False), 5, "{run_dir} has trained 5 epochs of train.epochs=5: nothing to train (raise train.epochs to go on)"),
+    (_state(6, False), 6, None),
+    (_state(9, False), 5, "{run_dir} has trained 8 epochs of train.epochs=5: nothing to train (raise train.epochs to go on)"),
+    ({"progress": {"epoch": 1, "history": []}}, 1, None),
+    (_state(3, True), 5, "{run_dir} holds a run that diverged at epoch 2: nothing to train (train.resume=false starts over)"),
+    (_state(3, True, True), 5,
+     "{run_dir} holds a sweep whose every network diverged, the last at epoch 2: nothing to train (train.resume=false starts over)"),
+    (_state(3, True, False), 5, None),  # one network still trains
+    (_state(3, False, True), 5, None),
+])
+def test_nothing_left_to_train_when_done_or_every_network_diverged(tmp_path, state, epochs, why):
+    assert checkpoint.nothing_left(state, epochs, tmp_path) == (why and why.format(run_dir=tmp_path))
+
+
+def test_a_sweep_whose_last_networks_diverged_in_an_earlier_epoch_is_judged_by_its_last_epoch(tmp_path):
+    """Members that diverged earlier are not in the later epochs' records: only the last epoch's count."""
+    history = [dict(epoch=1, diverged=True), dict(epoch=1, diverged=False), dict(epoch=2, diverged=True)]
+    state = {"progress": {"epoch": 3, "history": history}}
+    assert checkpoint.nothing_left(state, 5, tmp_path) == (
+        f"{tmp_path} holds a run that diverged at epoch 2: nothing to train (train.resume=false starts over)")
+
+
+def test_a_run_directory_held_by_a_live_run_is_refused_naming_the_holder(tmp_path):
+    with checkpoint.claim(tmp_path / "run"):
+        assert (tmp_path / "run" / checkpoint.LOCK).read_text() == f"pid {os.getpid()}\n"
+        with pytest.raises(CheckpointError) as refusal:
+            with checkpoint.claim(tmp_path / "run"):
+                pass
+        assert str(refusal.value) == (f"{tmp_path / 'run'} belongs to a run still going (pid {os.getpid()}); wait for it "
+                                      "or pick another hydra.run.dir")
+    with checkpoint.claim(tmp_path / "run"):  # let go when the run ends
+        pass
+
+
+def test_an_unreadable_checkpoint_names_the_file_and_the_first_line_of_why(tmp_path):
+    (tmp_path / checkpoint.LATEST).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as refusal:
+        checkpoint.load(tmp_path)
+    message = str(refusal.value)
+    assert message.startswith(f"{tmp_path / checkpoint.LATEST} cannot be read (") and "\n" not in message
+    assert message.endswith("); move it away or pass train.resume=false")
