@@ -122,3 +122,24 @@ def test_a_member_with_non_finite_weights_changes_no_other_members_outputs_or_gr
     assert all(not logits[index].isfinite().all() for index in broken)
     assert torch.equal(logits[others], clean_logits[others])
     assert all(torch.equal(g[others], c[others]) for g, c in zip(grads, clean_grads))
+
+
+def test_member_dropout_is_off_in_eval_and_on_in_training():
+    """Eval: every member's output is its standalone network's in eval mode, call after call. Train:
+    dropout draws a new mask each call."""
+    config = sweep_config("model.dropout=0.5")
+    fused, images = build_network(config), torch.rand(8, 1, 28, 28, dtype=torch.float64)
+    fused.eval()
+    evaluated = fused(images)
+    assert torch.equal(evaluated, fused(images))
+    for index in range(len(fused.members)):
+        torch.testing.assert_close(evaluated[index], fused.member_network(index)(images), rtol=0, atol=1e-12)
+    fused.train()
+    assert not torch.equal(fused(images), fused(images))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_member_network_comes_back_in_the_fused_models_mode(training):
+    fused = build_network(sweep_config("model.dropout=0.5")).train(training)
+    for index in (0, len(fused.members) - 1):
+        assert {module.training for module in fused.member_network(index).modules()} == {training}
