@@ -10,7 +10,7 @@ import torch.distributed as dist
 from app import compose_config, read_metrics, strip
 from test_compile import CANNOT_COMPILE
 
-from syncbn import trainer
+from syncbn import checkpoint, trainer
 from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config, members
 from syncbn.distributed import DistContext
@@ -234,6 +234,25 @@ def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo
         "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
 
 
+def test_ranks_at_the_same_step_with_different_weights_all_stop_naming_the_weights(gloo_group, tmp_path):
+    """Each node holds a checkpoint of the same epoch and step, one with a weight changed in its last
+    bit: the weights' digest differs, so both stop before training."""
+    config = compose_config("train.epochs=1", "data.train_size=200", "model.hidden=[20]")
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.mkdir()
+    other.mkdir()
+    gloo_group(2).run(fit_on_rank, config, shared)
+    state = checkpoint.load(shared)
+    weight = next(iter(state["model"].values()))
+    weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0))
+    checkpoint.save(other, state)
+    more = compose_config("train.epochs=2", "data.train_size=200", "model.hidden=[20]")
+    messages = gloo_group(2).run(start_from, more, [shared, other])
+    assert messages[0] == messages[1] == (
+        "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 2, step 0, with different "
+        "weights): every node must see the same run directory (hydra.run.dir on a shared filesystem)")
+
+
 def fit_compiled(config: Config) -> tuple[list[dict], dict, int, int]:
     """``fit_and_keep_weights``, and what dynamo traced: the calls it captured into graphs, and the
     network's leaf modules (layers)."""
@@ -254,3 +273,40 @@ def test_a_compiled_run_trains_the_same_as_eager(gloo_group):
         fit_compiled, compose_config(*FLOAT64[1:], "train.epochs=2", "train.compile=true"))[0]
     assert_same_training(eager, tuple(compiled))
     assert captured >= layers, f"dynamo captured {captured} calls for a network of {layers} layers"
+
+
+def member_states(model) -> list[dict]:
+    return [model.member_network(index).state_dict() for index in range(len(model.members))]
+
+
+@pytest.mark.parametrize("frozen", [[3], [0, 5], [2, 3, 4]])
+def test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_else_does(frozen):
+    """Members laid out in three norm blocks (layernorm 0-1, bn 2-3, none 4-5): a diverged member in a
+    later block is held by its row within that block's tensors, and only it."""
+    config = compose_config("sweep.norms=[layernorm,bn,none]", "sweep.weight_scales=[0.1,0.02]", "model.hidden=[20,30]",
+                            "train.dtype=float64")
+    model = trainer.build_network(config)
+    before = member_states(model)
+    held = trainer.FrozenMembers(model, frozen, len(model.members))
+    with torch.no_grad():
+        for tensor, _ in model.member_tensors():
+            tensor.add_(1)
+    held.restore()
+    for index, (now, then) in enumerate(zip(member_states(model), before, strict=True)):
+        held = [key for key in now if now[key].is_floating_point()]  # not BN's shared batch counter
+        changed = {key for key in held if not torch.equal(now[key], then[key])}
+        assert changed == (set() if index in frozen else set(held)), index
+
+
+@pytest.mark.parametrize("frozen", [[], [0, 1, 2, 3]])
+def test_with_no_member_or_every_member_diverged_nothing_is_held(frozen):
+    """None diverged: every member trains; all diverged: training stops, so nothing is put back."""
+    config = compose_config("sweep.norms=[bn,none]", "sweep.weight_scales=[0.1,0.02]", "model.hidden=[20]")
+    model = trainer.build_network(config)
+    held = trainer.FrozenMembers(model, frozen, len(model.members))
+    with torch.no_grad():
+        for tensor, _ in model.member_tensors():
+            tensor.add_(1)
+    after = [tensor.clone() for tensor, _ in model.member_tensors()]
+    held.restore()
+    assert all(torch.equal(tensor, kept) for (tensor, _), kept in zip(model.member_tensors(), after, strict=True))
