@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,3 +46,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def why_not_compiled() -> str | None:
+    """Why the compiled tests cannot run here: found without ``trainer.cannot_compile``, which they
+    also test (a skip computed by the code under test would hide that code's breakage)."""
+    if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        return "no C++ compiler for inductor on PATH"
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        return f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}: inductor's C++ does not follow it"
+    return None

@@ -4,13 +4,13 @@ import json
 
 import torch
 import torch.distributed as dist
+from app import why_not_compiled
 
 from syncbn.bench import main
 from syncbn.bench_minimum import MinimumSyncBatchNorm
 from syncbn.distributed import count_collectives
-from syncbn.trainer import cannot_compile
 
-COMPILES = cannot_compile() is None  # else the compiled contenders are left out, as a user must ask
+COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
         "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "1"]

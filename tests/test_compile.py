@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from app import why_not_compiled
 from test_batchnorm import EXACT, SHAPES, SPLITS, Case, assert_matches_reference, reference, run_layer_on_rank
 
 from syncbn import SyncBatchNorm
-from syncbn.trainer import cannot_compile
 
 # No C++ compiler, or an ATEN_CPU_CAPABILITY override (under default, CI saw "'at::vec' has not been declared").
-CANNOT_COMPILE = cannot_compile()
+CANNOT_COMPILE = why_not_compiled()
 pytestmark = pytest.mark.skipif(CANNOT_COMPILE is not None, reason=CANNOT_COMPILE or "")
 
 CASES = {  # shape, per-rank batch sizes, momentum, affine

@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
 import stress_teardown
-from app import ROOT, free_port, read_metrics, run, strip
+from app import ROOT, compose_config, free_port, read_metrics, run, strip
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from syncbn import trainer
+from syncbn import train, trainer
+from syncbn.checkpoint import CheckpointError
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
 from syncbn.study import main as study_main
@@ -216,8 +220,6 @@ def test_short_per_run_sweep_writes_summary_and_figure_and_plot_redraws_them(tmp
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run ``python -m syncbn.train ARGS`` in this process; its exit code and stderr."""
-    from syncbn import train
-
     monkeypatch.setattr(sys, "argv", ["syncbn.train", *args])
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     code = 0
@@ -282,6 +284,29 @@ def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, override
     assert err.strip().splitlines() == [err.strip()] and err.startswith("syncbn.train: error: "), err
     assert message in err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("compilers,level,problem", [
+    ((), None, "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
+    (("c++",), None, None), (("g++",), None, None), (("clang++",), None, None), (("g++",), "", None),
+    (("c++",), "default", "cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, "
+                          "which that level leaves out"),
+    (("c++",), "avx2", "is not reliable with ATEN_CPU_CAPABILITY=avx2: inductor's C++ does not follow it (unset it to "
+                       "compile)"),
+    ((), "avx2", "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
+])
+def test_compiling_is_refused_without_a_compiler_or_with_a_cpu_level_set(monkeypatch, tmp_path, compilers, level,
+                                                                         problem):
+    """Any one of the three compiler names on PATH is enough; an empty ATEN_CPU_CAPABILITY is unset."""
+    for name in compilers:
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    if level is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", level)
+    assert trainer.cannot_compile() == problem
 
 
 @pytest.mark.parametrize("cause,message", [
@@ -393,3 +418,31 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(monkeypatch, capsys, 
     diverged = [row for row in rows if row[SUMMARY_COLUMNS.index("diverged")] == "True"]
     assert len(diverged) == 1 and diverged[0][SUMMARY_COLUMNS.index("epoch")] == "1"
     assert len(rows) == 3, "the diverged run stopped after one epoch, the other trained both"
+
+
+def test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace(tmp_path):
+    """train.resume=false: whatever lies in the directory (here a file torch cannot read) is not
+    looked at; with resume it is, and refused in one line."""
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    config = compose_config("train.resume=false")
+    assert train.preflight(config, 1, tmp_path) is None
+    with pytest.raises(CheckpointError, match="checkpoint.pt cannot be read"):
+        train.preflight(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
+
+
+def failed_child(exitcode: int) -> ChildFailedError:
+    return ChildFailedError("syncbn.train", {1: ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file="")})
+
+
+@pytest.mark.parametrize("error,received", [
+    (KeyboardInterrupt(), signal.SIGINT),
+    (SignalException("", sigval=signal.SIGTERM), signal.SIGTERM),
+    (failed_child(-signal.SIGTERM), signal.SIGTERM),
+    (failed_child(-signal.SIGINT), signal.SIGINT),
+    (failed_child(signal.SIGTERM), None),  # a rank that exited with status 15 was not signalled
+    (failed_child(-signal.SIGKILL), None),  # killed outright: a failure, not an interrupt
+    (failed_child(1), None),
+    (RuntimeError("boom"), None),
+])
+def test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one(error, received):
+    assert train.interrupting_signal(error) == received
