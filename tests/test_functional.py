@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from gloo import GlooGroup
 
-from syncbn import SyncBatchNorm
+from syncbn import SyncBatchNorm, functional
 
 def normalize_far_from_zero(x_global: torch.Tensor) -> dict:
     """fp32 channels with mean 1e4 and std 1, split over the ranks."""
@@ -194,3 +194,20 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
     assert message.startswith("SyncBatchNorm backward: all_gather over 2 ranks failed"), message
     assert "3000ms" in message or "timed out" in message.lower(), message
     assert 2.5 < elapsed < 8, f"rank 0 failed after {elapsed:.1f}s, the timeout is 3s"
+
+
+@pytest.mark.parametrize("count", [4, torch.tensor(4.0, dtype=torch.float64), 0, torch.tensor(0.0, dtype=torch.float64)],
+                         ids=["eager", "compiled", "eager-empty", "compiled-empty"])
+def test_running_statistics_move_by_momentum_and_stay_where_the_group_had_no_value(count):
+    """As nn.BatchNorm: r = 0.9 r + 0.1 s with the unbiased variance; a group with no value (count 0:
+    an int in eager, a tensor in the compiled graph, which has no branch) leaves them as they were."""
+    running_mean, running_var = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])
+    mean, var = torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64)
+    if int(count):
+        mean, var = torch.tensor([5.0, 1.0], dtype=torch.float64), torch.tensor([0.75, 1.5], dtype=torch.float64)
+    functional._update_running_stats(running_mean, running_var, mean, var, count, 0.1)
+    if int(count):
+        assert torch.allclose(running_mean, torch.tensor([1.4, -1.7]), rtol=0, atol=1e-6)
+        assert torch.allclose(running_var, torch.tensor([2.8, 0.65]), rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(running_mean, torch.tensor([1.0, -2.0])) and torch.equal(running_var, torch.tensor([3.0, 0.5]))
