@@ -83,6 +83,7 @@ def test_only_finished_runs_become_rows(tmp_path, capsys):
     assert "skipped 2 unfinished runs: running, started" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
     """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models, in
     float64 so that real ranks and one process can be held to the same numbers."""
@@ -121,3 +122,36 @@ def test_a_tiny_study_writes_the_csv_and_the_figure(tmp_path):
     (tmp_path / "batch_study.csv").unlink()
     study.main([str(tmp_path)])
     assert (tmp_path / "batch_study.csv").read_text() == before
+
+
+def study_row(model: str, norm: str, batch: int, seed: int, accuracy: float) -> dict:
+    return dict(model=model, norm=norm, per_device_batch=batch, seed=seed, final_test_acc=accuracy)
+
+
+def test_the_table_has_a_row_per_model_and_norm_in_the_studys_order_and_a_column_per_batch_largest_first():
+    rows = [study_row("cnn", "bn", 4, 0, 0.5), study_row("mlp", "none", 32, 0, 0.25), study_row("mlp", "bn", 4, 0, 0.125),
+            study_row("mlp", "bn", 4, 1, 0.375), study_row("mlp", "bn", 32, 0, 0.75), study_row("mlp", "custom", 4, 0, 1.0),
+            study_row("mlp", "syncbn", 32, 0, 0.625)]
+    assert study.accuracy_table(rows).splitlines() == [
+        "| model | norm | b=32 | b=4 |",
+        "|---|---|---|---|",
+        "| mlp | BatchNorm (synchronized) | 0.625 (0.625-0.625) |  |",
+        "| mlp | BatchNorm (per rank) | 0.750 (0.750-0.750) | 0.250 (0.125-0.375) |",
+        "| mlp | no normalization | 0.250 (0.250-0.250) |  |",
+        "| mlp | custom |  | 1.000 (1.000-1.000) |",
+        "| cnn | BatchNorm (per rank) |  | 0.500 (0.500-0.500) |",
+    ]
+
+
+def test_rows_are_ordered_by_model_mlp_first_norm_batch_largest_first_and_seed():
+    keys = [("cnn", "bn", 4, 0), ("mlp", "none", 4, 0), ("mlp", "bn", 2, 0), ("mlp", "bn", 4, 1), ("mlp", "bn", 4, 0),
+            ("aaa", "syncbn", 4, 0), ("mlp", "syncbn", 2, 0)]
+    rows = [dict(model=m, norm=n, per_device_batch=b, seed=s) for m, n, b, s in keys]
+    assert [(r["model"], r["norm"], r["per_device_batch"], r["seed"]) for r in sorted(rows, key=study._order)] == [
+        ("mlp", "syncbn", 2, 0), ("mlp", "bn", 4, 0), ("mlp", "bn", 4, 1), ("mlp", "bn", 2, 0), ("mlp", "none", 4, 0),
+        ("aaa", "syncbn", 4, 0), ("cnn", "bn", 4, 0)]
+
+
+def test_a_directory_without_finished_study_runs_is_refused_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished study run"):
+        study.read_study(tmp_path)
