@@ -7,6 +7,14 @@ from idx import write_idx
 _groups: dict[int, GlooGroup] = {}
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on a Gloo group carry the ``processes`` mark too: ``-m "not processes"`` is the suite
+    that runs in this one process (what mutmut runs)."""
+    for item in items:
+        if "gloo_group" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.processes)
+
+
 @pytest.fixture(scope="session")
 def gloo_group():
     """``gloo_group(world_size)``: a started group of that size, shared by every test of the session."""

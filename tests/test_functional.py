@@ -185,6 +185,7 @@ def stall_between_forward_and_backward(stall_s: float) -> tuple[float, str]:
     return time.monotonic() - start, "no error"
 
 
+@pytest.mark.processes
 def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
     group = GlooGroup(2, call_timeout_s=40, collective_timeout_s=3)
     try:
