@@ -144,6 +144,17 @@ def test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_
         assert [(r["norm"], r["weight_scale"], r["epoch"]) for r in reference[0] if r["diverged"]] == [("none", 1.0, 1)]
 
 
+def test_checkpointing_mid_epoch_changes_no_metric(gloo_group, tmp_path):
+    """The group's partial loss sums go into each mid-epoch checkpoint and are counted once at the
+    epoch's end: 2 ranks saving every 3 steps train and report bit for bit as ranks that never save."""
+    overrides = ("train.epochs=2", "model.hidden=[50,50]", "optim.momentum=0.9", *SWEEP)
+    never = gloo_group(2).run(train_until, compose_config(*overrides, "train.checkpoint_every_steps=null"), tmp_path, None)[0]
+    (tmp_path / "saving").mkdir()
+    saving = gloo_group(2).run(train_until, compose_config(*overrides, "train.checkpoint_every_steps=3"),
+                               tmp_path / "saving", None)[0]
+    assert strip(saving[0]) == strip(never[0]) and same_bits(saving[1], never[1])
+
+
 def fit_members(config: Config, run_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
     """A fused job's metrics and each member's final state as the standalone network's state_dict."""
     training = trainer.Training(config, this_rank(), run_dir)
@@ -170,7 +181,8 @@ def test_a_fused_sweep_trains_every_member_as_its_own_run_does(gloo_group):
 
 def test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others(gloo_group, tmp_path):
     """No norm at scale 1 diverges in epoch 1 (its loss overflows): recorded once, then held as it was,
-    through a resume too, while scale 0.29 trains on exactly as it does alone (float64, 1e-9)."""
+    in the run where it diverged and through a resume, while scale 0.29 trains on exactly as it
+    does alone (float64, 1e-9)."""
     config = compose_config(*FUSED, "sweep.norms=[none]", "sweep.weight_scales=[1.0,0.2928644564625237]", "train.epochs=1")
     after_divergence = gloo_group(2).run(fit_members, config, tmp_path)[0][1]
     more = compose_config(*FUSED, "sweep.norms=[none]", "sweep.weight_scales=[1.0,0.2928644564625237]", "train.epochs=3")
@@ -178,6 +190,7 @@ def test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others(glo
     diverging, learning = members(more)
     assert [(r["epoch"], r["diverged"]) for r in member_records(history, diverging)] == [(1, True)]
     assert same_bits(states[0], after_divergence[0]), "frozen: not one bit changed since it diverged"
+    assert same_bits(gloo_group(2).run(fit_members, more)[0][1][0], after_divergence[0]), "frozen without a resume too"
     single = compose_config(*FUSED[:3], "norm=none", "model.weight_scale=0.2928644564625237", "train.epochs=3")
     assert_same_training((member_records(history, learning), states[1]), gloo_group(2).run(fit_and_keep_weights, single)[0])
 
