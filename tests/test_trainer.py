@@ -247,6 +247,17 @@ def test_ranks_that_would_resume_different_states_all_stop_with_one_message(gloo
         "the ranks did not resume the same state (rank 0 at epoch 2, step 0, rank 1 at epoch 1, step 0)")
 
 
+def test_ranks_in_the_same_epoch_at_different_steps_all_stop_naming_both_steps(gloo_group, tmp_path):
+    """One node's copy of the directory was saved 3 steps later than the other's, in the same epoch."""
+    config = compose_config("train.epochs=1", "model.hidden=[20]", "train.checkpoint_every_steps=3")
+    for name, steps in (("early", 4), ("late", 7)):
+        (tmp_path / name).mkdir()
+        gloo_group(2).run(train_until, config, tmp_path / name, steps)
+    messages = gloo_group(2).run(start_from, config, [tmp_path / "early", tmp_path / "late"])
+    assert messages[0] == messages[1] and messages[0].startswith(
+        "the ranks did not resume the same state (rank 0 at epoch 1, step 3, rank 1 at epoch 1, step 6):")
+
+
 def test_ranks_at_the_same_step_with_different_weights_all_stop_naming_the_weights(gloo_group, tmp_path):
     """Each node holds a checkpoint of the same epoch and step, one with a weight changed in its last
     bit: the weights' digest differs, so both stop before training."""

@@ -1,0 +1,155 @@
+"""Hand mutations for the code that runs inside spawned ranks (the trainer, the launcher, the
+collective paths of the layer), where mutmut cannot see: each changes one line as a plausible
+slip would, and names the tests that must fail when it does.
+
+    python -m tests.mutations --list        # every mutation and its tests
+    python -m tests.mutations               # apply each in turn, run its tests, put the line back
+    python -m tests.mutations NAME...       # only these
+
+Exit status 1 if a mutation survives (its tests pass with the line changed) or no longer applies
+(the line it changes is gone: update it here). docs/development.md gives the current result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+def trainer(name: str) -> str:
+    return f"tests/test_trainer.py::{name}"
+
+
+def train(name: str) -> str:
+    return f"tests/test_train.py::{name}"
+
+
+def layer(name: str) -> str:
+    return f"tests/test_batchnorm.py::{name}"
+
+
+MUTATIONS = [
+    Mutation("frozen-by-member-id", "syncbn/trainer.py",
+             "local = [index for index, member in enumerate(rows) if member in frozen]",
+             "local = [member for member in rows if member in frozen]",
+             (trainer("test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_else_does"),)),
+    Mutation("frozen-not-put-back", "syncbn/trainer.py", "            self.frozen.restore()\n", "            pass\n",
+             (trainer("test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others"),)),
+    Mutation("diverged-not-frozen-until-resume", "syncbn/trainer.py",
+             "            self.frozen = FrozenMembers(self.model.module, progress.diverged, len(self.members))\n",
+             "            pass\n",
+             (trainer("test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others"),)),
+    Mutation("ranks-agree-without-weights", "syncbn/trainer.py",
+             "[progress.epoch, progress.step, weights_digest(self.model.module)]", "[progress.epoch, progress.step, 0]",
+             (trainer("test_ranks_at_the_same_step_with_different_weights_all_stop_naming_the_weights"),)),
+    Mutation("ranks-agree-on-epoch-only", "syncbn/trainer.py",
+             "[progress.epoch, progress.step, weights_digest(self.model.module)]", "[progress.epoch, 0, 0]",
+             (trainer("test_ranks_in_the_same_epoch_at_different_steps_all_stop_naming_both_steps"),)),
+    Mutation("partial-sums-on-every-rank", "syncbn/trainer.py",
+             "if self.ctx.is_main and progress.loss_sums is not None:", "if progress.loss_sums is not None:",
+             (trainer("test_a_run_stopped_mid_epoch_resumes_bit_exactly_with_dropout_and_optimizer_state"),)),
+    Mutation("mid-epoch-sums-kept-on-every-rank", "syncbn/trainer.py",
+             "return group_totals if self.ctx.is_main else torch.zeros_like(totals)", "return group_totals",
+             (trainer("test_checkpointing_mid_epoch_changes_no_metric"),)),
+    Mutation("evaluated-in-train-mode", "syncbn/trainer.py", "    model.eval()\n", "    model.train()\n",
+             (trainer("test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not"),)),
+    Mutation("eval-counts-not-summed-over-ranks", "syncbn/trainer.py", "= all_reduce_sum(local).split(", "= local.split(",
+             (trainer("test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not"),)),
+    Mutation("all-diverged-run-not-finished", "syncbn/trainer.py",
+             "progress.epoch = self.config.train.epochs + 1 if finished else progress.epoch + 1",
+             "progress.epoch = progress.epoch + 1",
+             (train("test_a_diverging_run_is_recorded_and_the_sweep_goes_on"),)),
+    Mutation("fault-fires-on-every-attempt", "syncbn/trainer.py",
+             "return fault.kill_at_step if first_attempt and fault.kill_rank == rank else None",
+             "return fault.kill_at_step if fault.kill_rank == rank else None",
+             (train("test_a_killed_rank_is_restarted_and_the_run_resumes_bit_exactly"),)),
+    Mutation("metrics-written-by-every-rank", "syncbn/trainer.py",
+             'self.path = run_dir / "metrics.jsonl" if run_dir is not None and ctx.is_main else None',
+             'self.path = run_dir / "metrics.jsonl" if run_dir is not None else None',
+             (train("test_cpu_simulation_runs_two_ranks_and_writes_metrics"),)),
+    Mutation("fresh-start-reads-the-checkpoint", "syncbn/train.py",
+             "state = checkpoint.load(run_dir) if config.train.resume else None", "state = checkpoint.load(run_dir)",
+             (train("test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace"),)),
+    Mutation("signal-exit-code-sign", "syncbn/train.py", "if -failure.exitcode in EXIT_STATUS:",
+             "if failure.exitcode in EXIT_STATUS:",
+             (train("test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one"),)),
+    Mutation("sigterm-exit-status", "syncbn/train.py", "EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}",
+             "EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 130}",
+             (train("test_an_interrupted_run_stops_every_process_with_one_line"),)),
+    Mutation("every-torchrun-rank-owns-the-directory", "syncbn/train.py",
+             'return int(os.environ.get("RANK", 0)) == 0', "return True",
+             (train("test_torchrun_restarts_a_killed_rank_and_resumes_bit_exactly"),)),
+    Mutation("unequal-counts-merged-without-spread", "syncbn/functional.py",
+             "    moments[:, channels:] += weights @ (deviation * deviation)\n", "",
+             (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("unequal-counts-taken-as-equal", "syncbn/functional.py", "return count, min(counts) == max(counts)",
+             "return count, True", (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("single-value-in-the-group-allowed", "syncbn/functional.py", "    if count == 1:\n", "    if count == 0:\n",
+             ("tests/test_functional.py::test_one_value_per_channel_in_the_whole_group_raises_on_every_rank",)),
+]
+
+
+def run_tests(tests: tuple[str, ...]) -> int:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        return subprocess.run(command, cwd=ROOT, capture_output=True, timeout=900).returncode
+    except subprocess.TimeoutExpired:
+        return -1
+
+
+def check(mutation: Mutation) -> str:
+    """``killed`` (a test failed), ``survived`` or ``stale`` (the line is not there once)."""
+    path = ROOT / mutation.path
+    source = path.read_text()
+    if source.count(mutation.original) != 1:
+        return "stale"
+    path.write_text(source.replace(mutation.original, mutation.mutated))
+    try:
+        status = run_tests(mutation.tests)
+    finally:
+        path.write_text(source)
+    # 1: tests failed. 2-5 (interrupted, internal error, usage, nothing collected) prove nothing.
+    return "killed" if status in (1, -1) else "survived"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    args = parser.parse_args(argv)
+    by_name = {mutation.name: mutation for mutation in MUTATIONS}
+    unknown = [name for name in args.names if name not in by_name]
+    if unknown:
+        parser.error(f"unknown mutation {', '.join(unknown)}; see --list")
+    chosen = [by_name[name] for name in args.names] or MUTATIONS
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name}  {mutation.path}\n  - {mutation.original.strip()}\n  + {mutation.mutated.strip()}\n"
+                  f"  {' '.join(mutation.tests)}")
+        return 0
+    results = []
+    for mutation in chosen:
+        start = time.monotonic()
+        results.append(check(mutation))
+        print(f"{results[-1]:8}  {mutation.name}  ({time.monotonic() - start:.0f}s)", flush=True)
+    print(", ".join(f"{results.count(r)} {r}" for r in ("killed", "survived", "stale")))
+    return 0 if all(r == "killed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
