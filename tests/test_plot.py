@@ -8,6 +8,7 @@ import csv
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from syncbn import plot
 
@@ -84,3 +85,32 @@ def test_a_sweep_directorys_records_are_read_from_every_run_in_norm_scale_seed_e
 def test_a_directory_without_metrics_is_refused_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"^no metrics.jsonl under {tmp_path}: is it a sweep directory\\?$"):
         plot.read_metrics(tmp_path)
+
+
+def write_runs(sweep_dir, runs: dict[str, list[dict]]) -> None:
+    for name, records in runs.items():
+        (sweep_dir / name).mkdir(parents=True)
+        (sweep_dir / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_redrawing_a_sweep_writes_its_csv_and_figure_and_prints_the_table(tmp_path, capsys):
+    write_runs(tmp_path, {"0": network("syncbn", 1.0, 0, [0.5, 0.75]), "1": network("none", 1.0, 0, [0.1], 1)})
+    plot.main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"wrote {tmp_path / 'summary.csv'}", f"wrote {tmp_path / 'weight_scale_sweep.png'}"]
+    assert out[2:] == plot.final_accuracy_table(plot.read_metrics(tmp_path)).splitlines()
+    assert len((tmp_path / "summary.csv").read_text().splitlines()) == 4
+    assert (tmp_path / "weight_scale_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_redrawing_a_directory_without_runs_exits_1_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plot.main([str(tmp_path)])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == f"syncbn.plot: error: no metrics.jsonl under {tmp_path}: is it a sweep directory?\n"
+
+
+def test_the_hydra_callback_summarizes_the_multiruns_sweep_directory(tmp_path):
+    write_runs(tmp_path, {"0": network("bn", 0.1, 0, [0.5])})
+    plot.SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert (tmp_path / "summary.csv").exists() and (tmp_path / "weight_scale_sweep.png").exists()

@@ -8,6 +8,7 @@ import sys
 
 import matplotlib.image
 import pytest
+from omegaconf import OmegaConf
 from app import compose_config, run
 
 from syncbn import study
@@ -155,3 +156,47 @@ def test_rows_are_ordered_by_model_mlp_first_norm_batch_largest_first_and_seed()
 def test_a_directory_without_finished_study_runs_is_refused_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished study run"):
         study.read_study(tmp_path)
+
+
+def finished_run(sweep_dir, name: str, norm: str, batch: int, world_size: int, execution: str, accuracy: float) -> None:
+    run_dir = sweep_dir / name
+    run_dir.mkdir()
+    config = study_config(f"norm={norm}", "seed=0", "train.epochs=1")
+    assert study.Layout(batch, world_size, execution).save(config, run_dir) == run_dir / study.LAYOUT_FILE
+    record = dict(epoch=1, train_acc=accuracy, test_acc=accuracy, train_loss=0.5, diverged=False, seconds=2.0)
+    (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def test_a_layout_is_saved_with_the_run_it_belongs_to(tmp_path):
+    config = study_config("norm=groupnorm", "seed=3", "train.epochs=7", "model=cnn")
+    path = study.Layout(8, 8, "one-process").save(config, tmp_path)
+    assert path.read_text().endswith("\n") and json.loads(path.read_text()) == dict(
+        norm="groupnorm", model="cnn", seed=3, epochs=7, per_device_batch=8, world_size=8, execution="one-process")
+
+
+def test_redrawing_a_study_writes_its_csv_and_figure_and_prints_the_table(tmp_path, capsys):
+    finished_run(tmp_path, "a", "bn", 4, 16, "ghost", 0.5)
+    finished_run(tmp_path, "b", "bn", 32, 2, "real", 0.75)
+    study.main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"wrote {tmp_path / 'batch_study.csv'}", f"wrote {tmp_path / 'batch_study.png'}"]
+    assert out[2:] == study.accuracy_table(study.read_study(tmp_path)).splitlines()
+    with (tmp_path / "batch_study.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["per_device_batch"], r["execution"], r["final_test_acc"]) for r in rows] == [
+        ("32", "real", "0.75"), ("4", "ghost", "0.5")]
+    assert (tmp_path / "batch_study.png").read_bytes()[:4] == b"\x89PNG"
+    assert study._emulated_batches(study.read_study(tmp_path), "mlp") == [4]
+
+
+def test_redrawing_a_directory_without_a_study_exits_1_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study.main([str(tmp_path)])
+    assert exit_.value.code == 1 and capsys.readouterr().err.startswith(
+        f"syncbn.study: error: no finished study run (a study.json and its metrics.jsonl) under {tmp_path}")
+
+
+def test_the_hydra_callback_summarizes_the_studys_sweep_directory(tmp_path):
+    finished_run(tmp_path, "a", "syncbn", 64, 1, "real", 0.5)
+    study.BatchStudySummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert (tmp_path / "batch_study.csv").exists() and (tmp_path / "batch_study.png").exists()
