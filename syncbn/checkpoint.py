@@ -119,9 +119,11 @@ def signature(config: Config, world_size: int, model: torch.nn.Module) -> dict:
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
-    if found.get("format", 1) != expected["format"]:
-        return [f"checkpoint format {found.get('format', 1)} there (an older syncbn), {expected['format']} here"]
-    theirs, ours = found.get("settings", {}), expected["settings"]
+    theirs = found.get("format", 1)  # format 1 had no key
+    if theirs != expected["format"]:
+        made_by = "an older" if theirs < expected["format"] else "a newer"
+        return [f"checkpoint format {theirs} there ({made_by} syncbn), {expected['format']} here"]
+    theirs, ours = found["settings"], expected["settings"]
     changed = [f"{key}={theirs[key]} there, {ours.get(key)} here" for key in sorted(theirs) if theirs[key] != ours.get(key)]
     if found["world_size"] != expected["world_size"]:
         changed.append(f"world size {found['world_size']} there, {expected['world_size']} here")
@@ -146,7 +148,7 @@ def check_compatible(state: dict, expected: dict, run_dir: Path) -> None:
 def nothing_left(state: dict, epochs: int, run_dir: Path) -> str | None:
     """Why a checkpointed run has nothing more to train (diverged, or done), else None."""
     history, trained = state["progress"]["history"], state["progress"]["epoch"] - 1
-    last_epoch = [record for record in history if record["epoch"] == history[-1]["epoch"]] if history else []
+    last_epoch = [record for record in history if record["epoch"] == history[-1]["epoch"]]
     if last_epoch and all(record["diverged"] for record in last_epoch):
         what = "a run that diverged" if len(last_epoch) == 1 else "a sweep whose every network diverged, the last"
         return f"{run_dir} holds {what} at epoch {history[-1]['epoch']}: nothing to train (train.resume=false starts over)"
