@@ -216,6 +216,16 @@ def test_running_statistics_move_by_momentum_and_stay_where_the_group_had_no_val
         assert torch.equal(running_mean, torch.tensor([1.0, -2.0])) and torch.equal(running_var, torch.tensor([3.0, 0.5]))
 
 
+@pytest.mark.parametrize("count", [4, torch.tensor(4.0, dtype=torch.float64)], ids=["eager", "compiled"])
+def test_float64_running_statistics_move_by_exactly_the_float64_momentum(count):
+    """The momentum is not rounded through float32 on its way (0.1 is not a float32)."""
+    running_mean, running_var = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([3.0, 0.5], dtype=torch.float64)
+    mean, var = torch.tensor([5.0, 1.0], dtype=torch.float64), torch.tensor([0.75, 1.5], dtype=torch.float64)
+    functional._update_running_stats(running_mean, running_var, mean, var, count, 0.1)
+    assert torch.equal(running_mean, torch.tensor([1.0, -2.0], dtype=torch.float64).lerp(mean, 0.1))
+    assert torch.equal(running_var, torch.tensor([3.0, 0.5], dtype=torch.float64).lerp(var * 4 / 3, 0.1))
+
+
 
 # The core with group None, in this process: every step of the synchronized path (moments, merge,
 # running statistics, the gathered-sum gradient) but the collective itself, which the Gloo tests run.

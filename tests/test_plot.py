@@ -24,12 +24,12 @@ def network(norm: str, scale: float, seed: int, accuracies: list[float], diverge
 
 def test_the_table_reads_each_networks_last_epoch_with_scales_largest_first_and_a_column_per_norm():
     rows = [*network("syncbn", 0.01, 0, [0.5, 0.75]), *network("syncbn", 1.0, 0, [0.2, 0.25, 0.875]),
-            *network("none", 1.0, 0, [0.1, 0.125])]
+            *network("none", 1.0, 0, [0.1, 0.125]), *network("custom", 1.0, 0, [0.5])]
     assert plot.final_accuracy_table(rows).splitlines() == [
-        "| weight scale | without BatchNorm | BatchNorm (synchronized) |",
-        "|---|---|---|",
-        "| 1 | 0.125 | 0.875 |",
-        "| 0.01 |  | 0.750 |",
+        "| weight scale | custom | without BatchNorm | BatchNorm (synchronized) |",
+        "|---|---|---|---|",
+        "| 1 | 0.500 | 0.125 | 0.875 |",
+        "| 0.01 |  |  | 0.750 |",
     ]
 
 

@@ -73,14 +73,17 @@ def test_only_finished_runs_become_rows(tmp_path, capsys):
         run_dir = tmp_path / name
         run_dir.mkdir()
         (run_dir / study.LAYOUT_FILE).write_text(json.dumps(layout))
-        records = [dict(epoch=e, train_acc=a, test_acc=a - 0.05, train_loss=1.0 / e, diverged=name == "diverged", seconds=1.5)
+        records = [dict(epoch=e, train_acc=a, test_acc=a - 0.05, train_loss=1.0 / e, diverged=name == "diverged", seconds=1.234)
                    for e, a in enumerate(accuracies, start=1)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / study.LAYOUT_FILE).write_text(json.dumps(layout))
     rows = study.read_study(tmp_path)  # in directory order: diverged, done
     assert [(r["epochs"], r["diverged"], r["epochs_to_90pct_train_acc"], r["seconds"]) for r in rows] == [
-        (1, True, None, 1.5), (3, False, 2, 4.5)]
+        (1, True, None, 1.23), (3, False, 2, 3.7)]
+    assert [(r["final_train_acc"], r["final_test_acc"], r["final_train_loss"]) for r in rows] == [
+        (0.1, 0.1 - 0.05, 1.0), (0.95, 0.95 - 0.05, 1.0 / 3)]
+    assert all(r.items() >= {k: v for k, v in layout.items() if k != "epochs"}.items() for r in rows)  # epochs: trained
     assert "skipped 2 unfinished runs: running, started" in capsys.readouterr().err
 
 
