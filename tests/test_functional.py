@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gloo import GlooGroup
 
 from syncbn import SyncBatchNorm, functional
+from syncbn.distributed import count_collectives
 
 def normalize_far_from_zero(x_global: torch.Tensor) -> dict:
     """fp32 channels with mean 1e4 and std 1, split over the ranks."""
@@ -357,3 +358,77 @@ def test_the_values_per_channel_are_every_element_but_the_channels():
     assert functional.values_per_channel(torch.empty(4, 3, 5, 2)) == 40
     assert functional.values_per_channel(torch.empty(4, 0, 5)) == 0
     assert functional.values_per_channel(torch.empty(0, 3)) == 0
+
+
+@pytest.fixture
+def group_of_one():
+    """This process as a Gloo group of one: the core's collective path (the all-gathers and what
+    they feed) runs here, in the test process, where mutmut sees it."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def group_step(group, shape: tuple, momentum: float, affine: bool, track: bool) -> dict:
+    return one_step(lambda *args: functional.sync_batch_norm(*args, 1e-5, group), shape, momentum, affine, track)
+
+
+@pytest.mark.parametrize("shape", list(CORE_SHAPES))
+@pytest.mark.parametrize("momentum,affine,track", [(0.1, True, True), (0.1, False, False)])
+def test_through_a_group_of_one_the_core_gives_what_it_gives_alone_bit_for_bit(group_of_one, shape, momentum, affine,
+                                                                                track):
+    """An all-gather of one rank hands back its own rows: everything equals the group-None step exactly."""
+    through_group = group_step(group_of_one, CORE_SHAPES[shape], momentum, affine, track)
+    alone = one_step(core, CORE_SHAPES[shape], momentum, affine, track)
+    for key, value in alone.items():
+        assert (value is None and through_group[key] is None) or torch.equal(torch.as_tensor(value),
+                                                                             torch.as_tensor(through_group[key])), key
+
+
+@pytest.mark.parametrize("input_grad,backward", [(True, {"c10d::_allgather_base_": 1}), (False, {})])
+def test_one_all_gather_forward_and_one_backward_only_when_the_input_needs_its_gradient(group_of_one, input_grad,
+                                                                                        backward):
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=input_grad)
+    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with count_collectives() as forward:
+        y = functional.sync_batch_norm(x, None, None, weight, None, 0.1, 1e-5, group_of_one)
+    with count_collectives() as back:
+        y.sum().backward()
+    assert (dict(forward), dict(back)) == ({"c10d::_allgather_base_": 1}, backward)
+    assert weight.grad is not None and (x.grad is not None) == input_grad
+
+
+def test_a_collective_that_fails_names_the_phase_the_world_size_and_the_backends_last_line():
+    error = functional._failed("backward", 4, RuntimeError("Gloo said\n  something\n[timeout] after 3000ms  "))
+    assert str(error) == ("SyncBatchNorm backward: all_gather over 4 ranks failed, a rank stopped, died or took a "
+                          "different path before joining it (process-group timeout / connection loss): [timeout] after 3000ms")
+    assert str(functional._failed("forward", 2, RuntimeError(""))).endswith("connection loss): RuntimeError")
+
+
+@pytest.fixture
+def traced_branches(monkeypatch):
+    """The branches the core takes while torch.compile traces it (no ``.item()``, the count a tensor,
+    functional collectives), run eagerly: their math, here; tests/test_compile.py compiles them."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "group-of-one"])
+@pytest.mark.parametrize("shape", list(CORE_SHAPES))
+def test_the_traced_branches_are_batchnorm_in_training(request, traced_branches, grouped, shape):
+    group = request.getfixturevalue("group_of_one") if grouped else None
+    ours = group_step(group, CORE_SHAPES[shape], 0.1, True, True)
+    theirs = one_step(batchnorm, CORE_SHAPES[shape], 0.1, True, True)
+    for key in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        torch.testing.assert_close(ours[key], theirs[key], **CORE_EXACT, msg=key)
+
+
+def test_the_traced_branches_keep_the_statistics_of_an_empty_group_and_refuse_a_single_value(traced_branches):
+    running_mean, running_var = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    y = functional.sync_batch_norm(torch.empty(0, 2), running_mean, running_var, None, None, 0.1, 1e-5, None)
+    assert y.shape == (0, 2) and torch.equal(running_mean, torch.tensor([1.0, 2.0]))
+    assert torch.equal(running_var, torch.tensor([3.0, 4.0]))
+    with pytest.raises(RuntimeError, match="^Expected more than 1 value per channel when training, got 1 value per "
+                                           "channel in the whole group$"):
+        functional.sync_batch_norm(torch.randn(1, 2), None, None, None, None, 0.1, 1e-5, None)
