@@ -355,6 +355,7 @@ def test_one_value_in_the_whole_group_is_refused_naming_this_ranks_input(sizes):
 
 
 def test_the_values_per_channel_are_every_element_but_the_channels():
+    assert type(functional.values_per_channel(torch.empty(4, 3, 5, 2))) is int
     assert functional.values_per_channel(torch.empty(4, 3, 5, 2)) == 40
     assert functional.values_per_channel(torch.empty(4, 0, 5)) == 0
     assert functional.values_per_channel(torch.empty(0, 3)) == 0

@@ -114,3 +114,11 @@ def test_the_hydra_callback_summarizes_the_multiruns_sweep_directory(tmp_path):
     write_runs(tmp_path, {"0": network("bn", 0.1, 0, [0.5])})
     plot.SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert (tmp_path / "summary.csv").exists() and (tmp_path / "weight_scale_sweep.png").exists()
+
+
+def test_help_says_what_the_command_does_and_what_it_takes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        plot.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and out.startswith("usage: syncbn.plot [-h] sweep_dir")
+    assert plot.__doc__.splitlines()[0] in out and "a sweep directory (multirun/...) holding runs' metrics.jsonl" in out

@@ -203,3 +203,12 @@ def test_the_hydra_callback_summarizes_the_studys_sweep_directory(tmp_path):
     finished_run(tmp_path, "a", "syncbn", 64, 1, "real", 0.5)
     study.BatchStudySummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     assert (tmp_path / "batch_study.csv").exists() and (tmp_path / "batch_study.png").exists()
+
+
+def test_help_says_what_the_command_does_and_what_it_takes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and out.startswith("usage: syncbn.study [-h] sweep_dir")
+    assert "Redraw a batch-size study's batch_study.csv and batch_study.png." in out
+    assert "the study's sweep directory (multirun/batch_size_study/...)" in out
