@@ -235,7 +235,8 @@ def test_batch_sizes_are_the_ones_the_sampler_and_loader_deal_each_rank(train_si
     for rank in range(world_size):
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
         dealt |= {len(batch) for batch, in DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)}
-    assert batch_sizes(train_size, global_batch, world_size) == sorted(dealt)
+    sizes = batch_sizes(train_size, global_batch, world_size)
+    assert sizes == sorted(dealt) and all(type(size) is int for size in sizes)
 
 
 def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> str | None:
@@ -256,6 +257,8 @@ def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> st
     (["norm=bn", "norm.ghost_slices=2"], 1, 1002, "norm=bn would normalize a single sample"),  # 2 / 2 slices
     (["norm=bn", "norm.ghost_slices=2"], 1, 1004, None),
     (["norm=bn", "norm.ghost_slices=2"], 1, 1005, "norm.ghost_slices=2 must divide each of them"),
+    (["norm=bn", "norm.ghost_slices=2"], 1, 1003, "norm=bn would normalize a single sample"),  # 3 // 2 slices: 1
+    (["norm=syncbn"], 2, 1004, None),  # each rank's last batch is 2: the group's is 4
     (["norm=none"], 1, 1001, None), (["norm=layernorm"], 1, 1001, None), (["norm=groupnorm"], 1, 1001, None),
     (["norm=syncbn", "model=cnn"], 1, 1001, None),  # a feature map has H x W values per channel
     (["norm=none", "sweep.norms=[none,bn]"], 2, 201, "norm=bn would normalize a single sample"),

@@ -7,7 +7,7 @@ from app import compose_config
 
 from syncbn import GhostBatchNorm, SyncBatchNorm
 from syncbn.config import ModelConfig, NormConfig, members
-from syncbn.models import MemberMLP, build_model, build_network
+from syncbn.models import MemberMLP, build_model, build_network, make_norm
 
 NORM_LAYERS = {"syncbn": SyncBatchNorm, "bn": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "groupnorm": nn.GroupNorm, "none": nn.Identity}
 
@@ -143,3 +143,48 @@ def test_a_member_network_comes_back_in_the_fused_models_mode(training):
     fused = build_network(sweep_config("model.dropout=0.5")).train(training)
     for index in (0, len(fused.members) - 1):
         assert {module.training for module in fused.member_network(index).modules()} == {training}
+
+
+def test_an_unknown_model_or_norm_is_refused_naming_it():
+    """Config validation refuses both first; a caller of the builders gets the same names."""
+    with pytest.raises(ValueError, match=r"^unknown model 'vit'; expected mlp or cnn$"):
+        build_model(ModelConfig(name="vit"), NormConfig())
+    with pytest.raises(ValueError, match=r"^unknown norm 'rmsnorm'$"):
+        build_model(ModelConfig(), NormConfig(name="rmsnorm"))
+
+
+@pytest.mark.parametrize("images", [False, True], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("norm", ["syncbn", "bn", "bn-ghost", "layernorm", "groupnorm"])
+def test_every_norm_layer_takes_the_configured_eps_and_momentum(norm, images):
+    name, ghost = norm.split("-")[0], 2 if norm.endswith("ghost") else None
+    layer = make_norm(NormConfig(name=name, eps=0.25, momentum=0.375, num_groups=2, ghost_slices=ghost), 8, images)
+    assert layer.eps == 0.25
+    if name in ("syncbn", "bn"):
+        assert layer.momentum == 0.375
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_dropout_follows_each_hidden_layer_only_when_asked(model, dropout):
+    network = build_model(ModelConfig(name=model, hidden=[10, 20], dropout=dropout), NormConfig(name="none"))
+    assert [m.p for m in network if isinstance(m, nn.Dropout)] == ([dropout] * 2 if dropout else [])
+
+
+@pytest.mark.parametrize("overrides", [("sweep.norms=[syncbn]",), ("sweep.norms=[layernorm]", "norm.eps=0.5"),
+                                       ("sweep.norms=[bn,groupnorm]", "norm.eps=0.5", "norm.num_groups=5")],
+                         ids=["one-block", "one-block-eps", "two-blocks-eps"])
+def test_members_in_any_layout_compute_their_standalone_networks_outputs(overrides):
+    """One norm block (the fused model's shortcut) or several, and an eps other than torch's."""
+    config = sweep_config(*overrides)
+    fused, images = build_network(config), torch.rand(8, 1, 28, 28, dtype=torch.float64)
+    logits = fused(images)
+    for index, member in enumerate(members(config)):
+        torch.testing.assert_close(logits[index], standalone(config, member)(images), rtol=0, atol=1e-12)
+
+
+def test_a_single_run_is_its_standalone_network_in_the_configured_dtype():
+    config = compose_config("norm=bn", "norm.eps=0.5", "model.hidden=[20]", "train.dtype=float64")
+    network = build_network(config)
+    assert isinstance(network, nn.Sequential) and next(network.parameters()).dtype == torch.float64
+    assert [type(m) for m in network] == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert network[2].eps == 0.5

@@ -35,6 +35,7 @@ def test_a_per_device_batch_becomes_real_ranks_ghost_slices_or_one_process(
     config = study_config(f"norm={norm}", f"study.per_device_batch={per_device_batch}", f"study.max_real_ranks={max_real_ranks}")
     layout = study.plan(config)
     assert layout == study.Layout(per_device_batch, world_size, execution)
+    assert type(layout.world_size) is int
     arranged = layout.apply(config)
     assert (arranged.dist.nproc, arranged.norm.ghost_slices) == (nproc, ghost_slices)
     assert arranged.train == config.train and arranged.model == config.model
@@ -44,19 +45,33 @@ def test_an_ordinary_run_has_no_layout():
     assert study.plan(study_config("study.per_device_batch=null")) is None
 
 
+EQUAL_BATCHES = ("the batch-size study needs data.train_size divisible by train.global_batch_size=64, so that every "
+                 "step splits into equal per-device batches; got {}")
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["study.per_device_batch=0"], "study.per_device_batch=0 must divide train.global_batch_size=64"),
     (["study.per_device_batch=24"], "study.per_device_batch=24 must divide train.global_batch_size=64"),
     (["study.max_real_ranks=0"], "study.max_real_ranks must be >= 1, got 0"),
-    (["dist.nproc=4"], "leave dist.nproc at 1"),
-    (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batch sets norm.ghost_slices itself"),
-    (["data.train_size=null"], "needs data.train_size divisible by train.global_batch_size=64"),
-    (["data.train_size=3900"], "divisible by train.global_batch_size=64, so that every step splits into equal per-device batches; got 3900"),
-    (["norm=bn", "study.per_device_batch=1"], "norm=bn with model=mlp normalizes over the per-device batch"),
+    (["dist.nproc=4"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1 and start it without "
+                       "torchrun"),
+    (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batch sets norm.ghost_slices itself: leave it null"),
+    (["data.train_size=null"], EQUAL_BATCHES.format(None)),
+    (["data.train_size=3900"], EQUAL_BATCHES.format(3900)),
+    (["norm=bn", "study.per_device_batch=1"], "norm=bn with model=mlp normalizes over the per-device batch and needs 2 "
+                                               "samples or more, got 1"),
 ])
 def test_layouts_that_cannot_work_are_refused(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as refusal:
         study.plan(study_config(*overrides))
+    assert str(refusal.value) == message
+
+
+@pytest.mark.parametrize("overrides", [["study.max_real_ranks=1"], ["norm=bn", "study.per_device_batch=2"],
+                                       ["norm=bn", "model=cnn", "study.per_device_batch=1"],
+                                       ["norm=syncbn", "study.per_device_batch=1"], ["data.train_size=128"]])
+def test_layouts_at_the_limits_are_planned(overrides):
+    assert study.plan(study_config(*overrides)) is not None
 
 
 def test_epochs_to_reach_is_the_first_epoch_at_or_above_the_target():
