@@ -108,7 +108,7 @@ MUTATIONS = [
              (layer("test_parity_with_batchnorm_on_global_batch"),)),
     Mutation("per-rank-bn-evaluated-with-each-ranks-statistics", "syncbn/trainer.py",
              "            broadcast_buffers_from_main(self.model)\n", "            pass\n",
-             (trainer("test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not"),)),
+             (trainer("test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics"),)),
     Mutation("unequal-counts-merged-without-spread", "syncbn/functional.py",
              "    moments[:, channels:] += weights @ (deviation * deviation)\n", "",
              (layer("test_parity_with_batchnorm_on_global_batch"),)),

@@ -195,6 +195,33 @@ def test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others(glo
     assert_same_training((member_records(history, learning), states[1]), gloo_group(2).run(fit_and_keep_weights, single)[0])
 
 
+def evaluate_with_skewed_statistics(config: Config) -> tuple[float, dict]:
+    """Train, then shift rank 1's BatchNorm running means far off and evaluate: the test accuracy,
+    and the weights and statistics rank 0 holds."""
+    training = trainer.Training(config, this_rank(), None)
+    training.fit()
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            for module in training.model.module.modules():
+                if isinstance(module, torch.nn.BatchNorm1d):
+                    module.running_mean.add_(5.0)
+    loss_sum_and_samples = torch.tensor([0.0, 1.0], dtype=torch.float64)  # any: only the accuracy is read
+    return training.evaluate(loss_sum_and_samples)[0]["test_acc"], training.model.module.state_dict()
+
+
+def test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics(gloo_group):
+    """As DDP's buffer broadcast makes it in training: the whole test set, sharded over 2 ranks, is
+    scored as rank 0's network scores it alone (float64, so shard shapes change no prediction)."""
+    config = compose_config("norm=bn", "train.epochs=1", "model.hidden=[20]", "train.dtype=float64")
+    (accuracy, state), (other, _) = gloo_group(2).run(evaluate_with_skewed_statistics, config)
+    network = trainer.build_network(config)
+    network.load_state_dict(state)
+    images, labels = trainer.data.load(config.data)[1].tensors
+    with torch.no_grad():
+        alone = (network.eval()(images.double()).argmax(1) == labels).double().mean().item()
+    assert accuracy == other == alone
+
+
 def first_batches(config: Config) -> list[torch.Tensor]:
     """The labels of the first batch of every epoch that ``fit`` trains on."""
     training = trainer.Training(config, this_rank(), None)
