@@ -116,15 +116,34 @@ def test_the_core_refuses_an_eps_that_is_not_positive(eps):
         functional.sync_batch_norm(torch.randn(4, 3), None, None, None, None, 0.1, eps, None)
 
 
-def test_the_core_alone_keeps_the_first_derivative_and_refuses_a_second():
-    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+NO_SECOND_DERIVATIVE = (
+    "SyncBatchNorm has no second derivative: its input gradient depends on every rank's batch through the gathered "
+    "sums, which are not differentiated again (double backward, e.g. a gradient penalty through the layer, is not "
+    "supported; the first derivative with create_graph=True is)")
+
+
+@pytest.mark.parametrize("loss", ["cubic", "linear"])
+@pytest.mark.parametrize("first,second", [("x", "backward"), ("x", "x"), ("x", "weight"), ("x", "after"),
+                                          ("weight", "backward"), ("weight", "weight"), ("weight", "after")])
+def test_the_core_alone_keeps_the_first_derivative_and_refuses_every_second(loss, first, second):
+    """Through the incoming gradient (to a scale applied after the layer), the input or the weight
+    (a linear loss's incoming gradient is otherwise a constant): asked for again, the first
+    derivatives raise."""
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=first == "x" or second == "x")
     weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    run = lambda: functional.sync_batch_norm(x, None, None, weight, None, 0.1, 1e-5, None)  # noqa: E731
-    kept, = torch.autograd.grad((run() ** 3).sum(), x, create_graph=True)
-    plain, = torch.autograd.grad((run() ** 3).sum(), x)
+    constant, after = torch.randn(6, 3, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    losses = {"cubic": lambda y: ((after * y) ** 3).sum(), "linear": lambda y: (after * y * constant).sum()}
+    run = lambda: losses[loss](functional.sync_batch_norm(x, None, None, weight, None, 0.1, 1e-5, None))  # noqa: E731
+    to = {"x": x, "weight": weight}[first]
+    kept, = torch.autograd.grad(run(), to, create_graph=True)
+    plain, = torch.autograd.grad(run(), to)
     assert torch.equal(kept.detach(), plain) and kept.requires_grad
-    with pytest.raises(RuntimeError, match="^SyncBatchNorm has no second derivative"):
-        (kept ** 2).sum().backward()
+    with pytest.raises(RuntimeError) as refused:
+        if second == "backward":
+            (kept ** 2).sum().backward()
+        else:
+            torch.autograd.grad((kept ** 2).sum(), {"x": x, "weight": weight, "after": after}[second])
+    assert str(refused.value) == NO_SECOND_DERIVATIVE
 
 
 @pytest.mark.parametrize("dtype,statistics", [(torch.float64, torch.float64), (torch.float32, torch.float32),
