@@ -149,9 +149,19 @@ def test_the_core_alone_keeps_the_first_derivative_and_refuses_every_second(loss
 @pytest.mark.parametrize("dtype,statistics", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                               (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
 def test_statistics_are_float32_or_float64_for_float64_input_and_the_output_keeps_the_dtype(dtype, statistics):
-    x = torch.randn(8, 3).to(dtype)
+    """Also with the layer's parameters in the input's dtype (``SyncBatchNorm(...).half()``) and
+    for an empty batch; every rank packs float64 rows for the all-gather, which needs one dtype."""
+    x = torch.randn(8, 3).to(dtype).requires_grad_()
+    weight, bias = torch.ones(3, dtype=dtype, requires_grad=True), torch.zeros(3, dtype=dtype, requires_grad=True)
     assert functional.stat_dtype(dtype) == statistics
-    assert functional.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5, None).dtype == dtype
+    y = functional.sync_batch_norm(x, None, None, weight, bias, 0.1, 1e-5, None)
+    expected = F.batch_norm(x.detach().to(statistics), None, None, training=True).to(dtype)
+    assert y.dtype == dtype and torch.equal(y, expected)
+    y.sum().backward()
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (dtype, dtype, dtype)
+    empty = torch.empty(0, 3, dtype=dtype)
+    assert functional.local_moments(empty).dtype == functional.local_moments(x.detach()).dtype == torch.float64
+    assert all(s.dtype == statistics for s in functional._local_grad_sums(empty, empty, None, None, 1e-5))
 
 
 def rows_of(chunks: list[torch.Tensor]) -> torch.Tensor:
