@@ -151,12 +151,15 @@ def test_the_core_alone_keeps_the_first_derivative_and_refuses_every_second(loss
 def test_statistics_are_float32_or_float64_for_float64_input_and_the_output_keeps_the_dtype(dtype, statistics):
     """Also with the layer's parameters in the input's dtype (``SyncBatchNorm(...).half()``) and
     for an empty batch; every rank packs float64 rows for the all-gather, which needs one dtype."""
-    x = torch.randn(8, 3).to(dtype).requires_grad_()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     weight, bias = torch.ones(3, dtype=dtype, requires_grad=True), torch.zeros(3, dtype=dtype, requires_grad=True)
     assert functional.stat_dtype(dtype) == statistics
     y = functional.sync_batch_norm(x, None, None, weight, bias, 0.1, 1e-5, None)
     expected = F.batch_norm(x.detach().to(statistics), None, None, training=True).to(dtype)
-    assert y.dtype == dtype and torch.equal(y, expected)
+    # Another summation order than F.batch_norm's kernel: equal to the output dtype's rounding
+    # (torch's default tolerances for it), not bit for bit.
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected)
     y.sum().backward()
     assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (dtype, dtype, dtype)
     empty = torch.empty(0, 3, dtype=dtype)
