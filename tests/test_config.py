@@ -107,7 +107,7 @@ def test_a_single_run_is_one_member_and_unset_sweep_lists_hold_its_values():
 
 @pytest.mark.parametrize("overrides,keys", [(["+train.epoch=3"], "train.epoch"), (["+lr=0.1"], "lr"),
                                             (["+model.depth=3"], "model.depth"),
-                                            (["+lr=0.1", "+model.depth=3"], "lr, model.depth")])
+                                            (["+lr=0.1", "+model.depth=3"], "model.depth, lr")])
 def test_keys_appended_with_plus_are_not_dropped_silently(overrides, keys):
     with pytest.raises(ConfigError) as refusal:
         compose_config(*overrides)
