@@ -119,10 +119,10 @@ def signature(config: Config, world_size: int, model: torch.nn.Module) -> dict:
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
-    theirs = found.get("format", 1)  # format 1 had no key
-    if theirs != expected["format"]:
-        made_by = "an older" if theirs < expected["format"] else "a newer"
-        return [f"checkpoint format {theirs} there ({made_by} syncbn), {expected['format']} here"]
+    their_format = found.get("format", 1)  # format 1 had no key
+    if their_format != expected["format"]:
+        made_by = "an older" if their_format < expected["format"] else "a newer"
+        return [f"checkpoint format {their_format} there ({made_by} syncbn), {expected['format']} here"]
     theirs, ours = found["settings"], expected["settings"]
     changed = [f"{key}={theirs[key]} there, {ours.get(key)} here" for key in sorted(theirs) if theirs[key] != ours.get(key)]
     if found["world_size"] != expected["world_size"]:

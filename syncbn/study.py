@@ -185,10 +185,8 @@ def _emulated_batches(rows: list[dict], model: str) -> list[int]:
 def _dodge(batch: int, index: int, count: int) -> float:
     """``batch`` shifted a little along the log2 axis, so that the norms' error bars stand apart."""
     return batch * 2 ** (0.06 * (index - (count - 1) / 2))
-# pragma: no mutate end
 
 
-# pragma: no mutate start (drawing: the figure's file is checked end to end, not its pixels)
 def plot_batch_study(rows: list[dict], path: Path) -> Path:
     """Final test accuracy (mean over seeds, bar from the lowest to the highest seed) against the
     per-device batch on a log2 axis: one line per norm, one panel per model."""
