@@ -120,6 +120,9 @@ MUTATIONS = [
              (layer("test_parity_with_batchnorm_on_global_batch"),)),
     Mutation("unequal-counts-taken-as-equal", "syncbn/functional.py", "return count, min(counts) == max(counts)",
              "return count, True", (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("one-value-on-a-rank-taken-as-none", "syncbn/functional.py", "    if x.numel() == 0:\n        zeros",
+             "    if x.numel() <= 1:\n        zeros",
+             (layer("test_a_rank_holding_one_value_per_channel_sends_its_share_of_the_gradient"),)),
     Mutation("single-value-in-the-group-allowed", "syncbn/functional.py", "    if count == 1:\n", "    if count == 0:\n",
              ("tests/test_functional.py::test_one_value_per_channel_in_the_whole_group_raises_on_every_rank",)),
 ]
