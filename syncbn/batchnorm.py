@@ -115,7 +115,7 @@ class GhostBatchNorm(_BatchNorm):
     """One process that normalizes like ``slices`` DDP ranks with plain, unsynchronized BatchNorm.
 
     In training, slice r of the batch is the samples r, r + S, r + 2S, ... (S = ``slices``): rank r's
-    share of a global batch under ``DistributedSampler``, which deals out positions that way. Each
+    share of a global batch as ``DistributedSampler`` and the trainer deal out positions. Each
     slice is normalized with its own statistics. The running statistics
     follow slice 0 alone: under DDP's default ``broadcast_buffers=True`` every forward starts from
     rank 0's buffers, so rank 0's are the ones that last. ``tests/test_batchnorm.py`` checks the

@@ -249,11 +249,16 @@ def _problems(config: Config, world_size: int) -> Iterator[str]:
     yield from _world_problems(config, world_size)
 
 
+def global_batch_sizes(train_size: int, global_batch: int) -> list[int]:
+    """The distinct sizes of an epoch's global batches: B, and the shorter rest where N does not divide."""
+    return sorted({min(global_batch, train_size)} | ({train_size % global_batch} - {0}))
+
+
 def batch_sizes(train_size: int, global_batch: int, world_size: int) -> list[int]:
-    """The distinct per-rank batch sizes of an epoch: DistributedSampler gives each rank
-    ceil(N / W) samples (padding with repeats), cut into batches of B / W and a remainder."""
-    per_rank, local_batch = -(-train_size // world_size), global_batch // world_size
-    return sorted({min(local_batch, per_rank)} | ({per_rank % local_batch} - {0}))
+    """The distinct per-rank batch sizes of an epoch (``data.RankBatches``): a global batch of n
+    dealt round-robin gives n // W to each rank and one more to the first n % W."""
+    return sorted({n // world_size + (rank < n % world_size) for n in global_batch_sizes(train_size, global_batch)
+                   for rank in range(world_size)})
 
 
 def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator[str]:
@@ -264,7 +269,8 @@ def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator
     norms = {member.norm for member in members(config)}
     where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
              f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
-    per_channel = {"syncbn": [world_size * s for s in sizes], "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
+    per_channel = {"syncbn": global_batch_sizes(train_size, config.train.global_batch_size),
+                   "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
     single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
     if config.model.name == "mlp" and single:
         yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"

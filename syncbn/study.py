@@ -88,8 +88,8 @@ def _problems(config: Config) -> Iterator[str]:
     if config.norm.ghost_slices is not None:
         yield "study.per_device_batch sets norm.ghost_slices itself: leave it null"
     if config.data.train_size is None or config.data.train_size % batch:
-        # With a ragged end, DistributedSampler pads the W ranks' shares with repeated samples that one
-        # process does not see, and GhostBatchNorm cannot cut the short last batch into W slices.
+        # A ragged end would leave the W real ranks uneven batches that GhostBatchNorm's W equal
+        # slices cannot emulate.
         yield (f"the batch-size study needs data.train_size divisible by train.global_batch_size={batch}, "
                f"so that every step splits into equal per-device batches; got {config.data.train_size}")
     if config.norm.name == "bn" and config.model.name == "mlp" and study.per_device_batch == 1:

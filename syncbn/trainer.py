@@ -1,18 +1,18 @@
-"""The training loop on one rank: DDP over the group, a seeded DistributedSampler, metrics per epoch,
+"""The training loop on one rank: DDP over the group, seeded global batches, metrics per epoch,
 checkpoints to resume from.
 
 Every rank runs ``fit``; only rank 0 writes (``metrics.jsonl``, checkpoints) and logs. The global
-batch of each step is the same set of samples whatever the world size: DistributedSampler deals
-rank r the positions r, r + W, r + 2W, ... of one seeded permutation, so the W local batches of
-step k together are positions [k B, (k + 1) B) of it. With SyncBatchNorm, N ranks therefore train
-like one process.
+batch of each step is the same set of samples whatever the world size (``data.RankBatches``: the
+W local batches of step k together are positions [k B, (k + 1) B) of one seeded permutation, every
+sample once per epoch, no padding), and each rank's loss is its share of the global batch's mean,
+so DDP's average of the ranks' gradients is the gradient of that mean, even where the local
+batches differ in size. With SyncBatchNorm, N ranks therefore train like one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 import math
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -92,13 +92,13 @@ def member_logits(output: torch.Tensor) -> torch.Tensor:
     return output if output.dim() == 3 else output.unsqueeze(0)
 
 
-def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each member's mean cross-entropy over the batch, ``[members]``. Their sum is the loss to
-    minimize: its gradient for each member's parameters is exactly that member's own, whatever the
-    others' losses are (even not finite: d(sum)/d(loss_m) is 1)."""
+def member_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each member's cross-entropy summed over this rank's batch (which may be empty), ``[members]``.
+    The members' sum is the loss to minimize: its gradient for each member's parameters is exactly
+    that member's own, whatever the others' losses are (even not finite: d(sum)/d(loss_m) is 1)."""
     size = logits.size(0)
     losses = F.cross_entropy(logits.flatten(0, 1), labels.repeat(size), reduction="none")
-    return losses.view(size, -1).mean(1)
+    return losses.view(size, labels.numel()).sum(1)
 
 
 @torch.no_grad()
@@ -200,13 +200,8 @@ class Training:
         self.model = wrap_ddp(network, ctx.device, sync_buffers)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
-        self.sampler = DistributedSampler(
-            self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
-        )
-        # A generator of its own: each new iterator draws a seed from it, and from the global one
-        # without it, which would shift dropout's stream after a mid-epoch resume.
-        self.loader = DataLoader(self.train_set, batch_size=config.train.global_batch_size // ctx.world_size,
-                                 sampler=self.sampler, generator=torch.Generator().manual_seed(config.seed))
+        self.batches = data.RankBatches(len(self.train_set), config.train.global_batch_size, ctx.world_size,
+                                        ctx.rank, config.seed)
         self.signature = checkpoint.signature(config, ctx.world_size, self.model.module)
         self.kill_at_step = fault_step(config.fault, ctx.rank)
         self.progress = Progress()
@@ -280,16 +275,19 @@ class Training:
         rank's ``[loss sum, samples]``."""
         progress, every = self.progress, self.config.train.checkpoint_every_steps
         self.model.train()
-        self.sampler.set_epoch(progress.epoch)
         totals = self._epoch_totals()
-        for images, labels in itertools.islice(self.loader, progress.step, None):
-            images, labels = images.to(self.ctx.device, self.dtype, non_blocking=True), labels.to(self.ctx.device, non_blocking=True)
-            losses = member_losses(member_logits(self.model(images)), labels)
+        images_all, labels_all = self.train_set.tensors
+        for index in self.batches.epoch(progress.epoch)[progress.step :]:
+            images = images_all[index].to(self.ctx.device, self.dtype, non_blocking=True)
+            labels = labels_all[index].to(self.ctx.device, non_blocking=True)
+            loss_sums = member_loss_sums(member_logits(self.model(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            # DDP averages the W ranks' gradients: each rank's share of the global mean, times W.
+            share = self.ctx.world_size / self.batches.global_size(progress.step)
+            (loss_sums.sum() * share).backward()
             self.optimizer.step()
             self.frozen.restore()
-            totals += torch.cat([losses.detach().double() * labels.numel(), totals.new_tensor([labels.numel()])])
+            totals += torch.cat([loss_sums.detach().double(), totals.new_tensor([labels.numel()])])
             progress.step += 1
             progress.global_step += 1
             if every and progress.global_step % every == 0:

@@ -227,17 +227,13 @@ def test_the_first_problem_in_the_documented_order_is_the_one_named():
 
 @pytest.mark.parametrize("train_size,global_batch,world_size", [
     (1000, 100, 1), (1000, 100, 2), (1000, 100, 4), (203, 100, 2), (201, 100, 2), (101, 100, 1), (99, 100, 1),
-    (7, 4, 2), (5, 4, 4), (3, 4, 4), (17, 6, 3), (1, 2, 2),
+    (7, 4, 2), (5, 4, 4), (3, 4, 4), (17, 6, 3), (1, 2, 2), (1001, 100, 4), (1006, 100, 4), (10, 12, 4),
 ])
-def test_batch_sizes_are_the_ones_the_sampler_and_loader_deal_each_rank(train_size, global_batch, world_size):
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+def test_batch_sizes_are_the_ones_the_trainer_deals_each_rank(train_size, global_batch, world_size):
+    from syncbn.data import RankBatches
 
-    dataset = TensorDataset(torch.arange(train_size))
-    dealt = set()
-    for rank in range(world_size):
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
-        dealt |= {len(batch) for batch, in DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)}
+    dealt = {len(index) for rank in range(world_size)
+             for index in RankBatches(train_size, global_batch, world_size, rank, seed=0).epoch(1)}
     sizes = batch_sizes(train_size, global_batch, world_size)
     assert sizes == sorted(dealt) and all(type(size) is int for size in sizes)
 
@@ -254,9 +250,16 @@ def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> st
     (["norm=syncbn"], 1, 1000, None),
     (["norm=syncbn"], 1, 1001, "norm=syncbn would normalize a single sample"),  # a last batch of 1
     (["norm=syncbn"], 2, 1002, None),  # each rank's last batch is 1: the group's is 2
-    (["norm=syncbn"], 2, 201, None),
+    (["norm=syncbn"], 2, 1001, "norm=syncbn would normalize a single sample"),  # ranks of 1 and 0: the group's 1
+    (["norm=syncbn"], 4, 1001, "norm=syncbn would normalize a single sample"),
+    (["norm=syncbn"], 4, 1003, None),  # ranks of 1, 1, 1 and 0
     (["norm=bn"], 2, 201, "norm=bn would normalize a single sample"),  # each rank's last batch of 1, on its own
     (["norm=bn"], 2, 200, None), (["norm=bn"], 2, 204, None),
+    (["norm=bn"], 4, 1003, "norm=bn would normalize a single sample"),  # ranks of 1, 1, 1 and 0
+    (["norm=bn"], 4, 1009, None),  # ranks of 3, 2, 2 and 2
+    (["norm=bn"], 4, 1002, "norm=bn would normalize a single sample"),  # ranks of 1, 1, 0 and 0
+    (["norm=bn"], 2, 1001, "norm=bn would normalize a single sample"),  # ranks of 1 and 0
+    (["norm=layernorm"], 4, 1001, None), (["norm=none"], 4, 1002, None),  # a rank's empty batch is no problem
     (["norm=bn", "norm.ghost_slices=2"], 1, 1002, "norm=bn would normalize a single sample"),  # 2 / 2 slices
     (["norm=bn", "norm.ghost_slices=2"], 1, 1004, None),
     (["norm=bn", "norm.ghost_slices=2"], 1, 1005, "norm.ghost_slices=2 must divide each of them"),

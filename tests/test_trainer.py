@@ -10,10 +10,11 @@ import torch.distributed as dist
 from app import compose_config, read_metrics, strip
 from test_compile import CANNOT_COMPILE
 
-from syncbn import checkpoint, trainer
+from syncbn import checkpoint, data, trainer
 from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config, members
 from syncbn.distributed import DistContext
+from syncbn.models import build_network
 
 
 def this_rank() -> DistContext:
@@ -76,6 +77,42 @@ def test_syncbn_trains_the_same_at_every_world_size_and_local_bn_does_not(gloo_g
 
     again = gloo_group(2).run(fit_and_keep_weights, syncbn)[0]
     assert strip(again[0]) == strip(two[0][0]) and weight_gap(again[1], two[0][1]) == 0
+
+
+def plain_training(config: Config) -> tuple[list[float], dict]:
+    """The textbook loop, independent of the trainer: a seeded permutation per epoch in batches of
+    B, the last one short, each step the mean cross-entropy of its batch; each epoch's mean loss."""
+    images, labels = data.load(config.data)[0].tensors
+    torch.manual_seed(config.seed)
+    network = build_network(config)
+    optimizer = trainer.make_optimizer(config.optim, network.parameters())
+    losses, batch = [], config.train.global_batch_size
+    for epoch in range(1, config.train.epochs + 1):
+        order, total = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed + epoch)), 0.0
+        for index in order.split(batch):
+            loss = torch.nn.functional.cross_entropy(network(images[index].double()), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(index)
+        losses.append(total / len(labels))
+    return losses, network.state_dict()
+
+
+@pytest.mark.parametrize("train_size", [203, 150])
+def test_where_the_data_does_not_divide_n_ranks_still_train_like_one_process(gloo_group, train_size):
+    """203 samples in batches of 100: a last global batch of 3, dealt 2 + 1 at two ranks and
+    1 + 1 + 1 + 0 at four (a rank with nothing to train on still takes the step). 150: a last batch
+    of 50, 13 + 13 + 12 + 12. Every sample counted once: the loss is over train_size samples."""
+    config = compose_config(*FLOAT64, f"data.train_size={train_size}", "train.epochs=2")
+    one = gloo_group(1).run(fit_and_keep_weights, config)[0]
+    plain_losses, plain_weights = plain_training(config)
+    assert loss_gap(one[0], [dict(train_loss=loss) for loss in plain_losses]) < 1e-9
+    assert weight_gap(one[1], plain_weights) < 1e-9, "each step minimizes the mean loss of its own global batch"
+    for world_size in (2, 4):
+        ranks = gloo_group(world_size).run(fit_and_keep_weights, config)
+        assert weight_gap(ranks[0][1], ranks[-1][1]) == 0, "ranks hold the same weights"
+        assert_same_training(one, ranks[0])
 
 
 def test_rerun_in_the_same_directory_resumes_and_resume_false_starts_over(gloo_group, tmp_path):
@@ -225,23 +262,20 @@ def test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics(gloo
 def first_batches(config: Config) -> list[torch.Tensor]:
     """The labels of the first batch of every epoch that ``fit`` trains on."""
     training = trainer.Training(config, this_rank(), None)
-    loader, seen = training.loader, []
+    labels, deal, seen = training.train_set.tensors[1], training.batches.epoch, []
 
-    class Recording:
-        def __iter__(self):
-            batches = iter(loader)
-            first = next(batches)
-            seen.append(first[1].clone())
-            yield first
-            yield from batches
+    def recording(epoch: int) -> list[torch.Tensor]:
+        batches = deal(epoch)
+        seen.append(labels[batches[0]])
+        return batches
 
-    training.loader = Recording()
+    training.batches.epoch = recording
     training.fit()
     return seen
 
 
 def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
-    """DistributedSampler's permutation for seed + epoch: a new one each epoch, the same in every run."""
+    """The permutation for seed + epoch: a new one each epoch, the same in every run."""
     config = compose_config("train.epochs=2", "data.train_size=200", "model.hidden=[20]", "seed=3")
     seen = gloo_group(1).run(first_batches, config)[0]
     labels = trainer.data.load(config.data)[0].tensors[1]
