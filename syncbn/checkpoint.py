@@ -25,6 +25,7 @@ from syncbn.config import Config
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 LOCK = ".lock"
+RANK_LOCK = ".rank.lock"
 FORMAT = 2  # 2: per-member loss sums and diverged members (the fused sweep)
 
 
@@ -158,14 +159,25 @@ def nothing_left(state: dict, epochs: int, run_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def claim(run_dir: Path) -> Iterator[None]:
+def claim(run_dir: Path, lock: str = LOCK) -> Iterator[None]:
     """Hold ``run_dir`` for this run: a second run that asks for it while this one lives is refused.
 
     An exclusive ``flock`` on ``run_dir/.lock``, taken atomically and let go by the kernel when the
-    process ends, however it ends; the file says which process holds it.
+    process ends, however it ends; the file says which process holds it. The CPU simulation's rank 0
+    writes from a process of its own and holds ``RANK_LOCK`` the same way, so a run is refused
+    while a rank of an earlier one still lives, even once that rank's launcher is gone.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a+") as lock:
+    with _locked(run_dir, lock):
+        if lock == LOCK:
+            with _locked(run_dir, RANK_LOCK):
+                pass
+        yield
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, name: str) -> Iterator[None]:
+    with open(run_dir / name, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import re
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -159,6 +162,7 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
 
     Returns each rank's return value; raises torch's ``ChildFailedError`` if a rank fails for good.
     ``start_method``: the forkserver of ``warm_start_method`` unless given (the benchmark compares).
+    The ranks end as soon as this process does, however it ends (``die_with``).
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -174,7 +178,33 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
         monitor_interval=MONITOR_INTERVAL_S,
         start_method=start_method or warm_start_method(),
     )
-    return elastic_launch(config, entrypoint)(*args)
+    rank = functools.update_wrapper(functools.partial(_rank_of, os.getpid(), entrypoint), entrypoint)  # its name in errors
+    return elastic_launch(config, rank)(*args)
+
+
+def _rank_of(launcher: int, entrypoint: Callable[..., Any], *args: Any) -> Any:
+    die_with(launcher)
+    return entrypoint(*args)
+
+
+def die_with(pid: int) -> None:
+    """End this process the moment process ``pid`` ends. A rank whose launcher was killed (even with
+    SIGKILL, which it cannot pass on) would otherwise train on, writing into a run directory that
+    its launcher's lock no longer guards, and wait forever at the end for a launcher that is gone.
+    A thread waits on a pidfd of ``pid``, which becomes readable when ``pid`` exits; the rank's
+    last complete checkpoint is on disk (written aside, then renamed), so SIGKILL loses nothing
+    but the steps since it."""
+    try:
+        launcher = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone before this rank got here
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([launcher], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="syncbn-die-with-launcher", daemon=True).start()
 
 
 def warm_start_method() -> str:

@@ -68,7 +68,8 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
         )
     distributed.share_cpu_threads()
     try:
-        history = run_rank(config, run_dir)
+        with checkpoint.claim(run_dir, checkpoint.RANK_LOCK) if int(os.environ["RANK"]) == 0 else contextlib.nullcontext():
+            history = run_rank(config, run_dir)
     except BaseException:
         distributed.leave_after_the_launcher_looks()
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -70,3 +71,15 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     except SystemExit as exit_:
         code = exit_.code
     return code, capsys.readouterr().err
+
+
+def live_processes(group: int) -> list[str]:
+    """The processes of a process group that are still running (zombies excluded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            pid_command, fields = stat.read_text().rsplit(")", 1)
+            state, _, pgrp = fields.split()[:3]
+            if int(pgrp) == group and state != "Z":
+                found.append(pid_command + ")")
+    return found

@@ -43,6 +43,10 @@ def errors(name: str) -> str:
     return f"tests/test_train_errors.py::{name}"
 
 
+def faults(name: str) -> str:
+    return f"tests/test_train_faults.py::{name}"
+
+
 def layer(name: str) -> str:
     return f"tests/test_batchnorm.py::{name}"
 
@@ -98,6 +102,14 @@ MUTATIONS = [
     Mutation("every-torchrun-rank-owns-the-directory", "syncbn/train.py",
              'return int(os.environ.get("RANK", 0)) == 0', "return True",
              (train("test_torchrun_restarts_a_killed_rank_and_resumes_bit_exactly"),)),
+    Mutation("ranks-outlive-their-launcher", "syncbn/distributed.py", "    die_with(launcher)\n", "    pass\n",
+             (faults("test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_directory"),)),
+    Mutation("writing-rank-holds-no-lock", "syncbn/train.py",
+             "if int(os.environ[\"RANK\"]) == 0 else contextlib.nullcontext()", "if False else contextlib.nullcontext()",
+             (faults("test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_directory"),)),
+    Mutation("earlier-runs-rank-not-looked-for", "syncbn/checkpoint.py", "        if lock == LOCK:\n",
+             "        if lock != LOCK:\n",
+             (faults("test_a_run_is_refused_while_a_rank_of_an_earlier_one_still_writes_its_directory"),)),
     Mutation("group-of-one-synchronizes", "syncbn/batchnorm.py", "group.size() > 1 else None",
              "group.size() > 0 else None", (layer("test_one_collective_each_way_per_layer"),)),
     Mutation("cumulative-average-lost", "syncbn/batchnorm.py",
@@ -106,6 +118,14 @@ MUTATIONS = [
     Mutation("eval-without-running-stats-uses-none", "syncbn/batchnorm.py",
              "self.running_mean is None and self.running_var is None, 0.0, self.eps)", "False, 0.0, self.eps)",
              (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("rank-loss-as-its-own-mean", "syncbn/trainer.py",
+             "share = self.ctx.world_size / self.batches.global_size(progress.step)",
+             "share = 1 / max(labels.numel(), 1)",
+             (trainer("test_where_the_data_does_not_divide_n_ranks_still_train_like_one_process"),)),
+    Mutation("short-last-batch-weighted-as-full", "syncbn/trainer.py",
+             "share = self.ctx.world_size / self.batches.global_size(progress.step)",
+             "share = self.ctx.world_size / self.config.train.global_batch_size",
+             (trainer("test_where_the_data_does_not_divide_n_ranks_still_train_like_one_process"),)),
     Mutation("per-rank-bn-evaluated-with-each-ranks-statistics", "syncbn/trainer.py",
              "            broadcast_buffers_from_main(self.model)\n", "            pass\n",
              (trainer("test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics"),)),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import matplotlib.image
 import pytest
 import torch
 import stress_teardown
-from app import ROOT, cli, free_port, read_metrics, run, strip
+from app import ROOT, cli, free_port, live_processes, read_metrics, run, strip
 
 from syncbn.plot import SUMMARY_COLUMNS
 from syncbn.plot import main as plot_main
@@ -124,18 +123,6 @@ def test_multinode_script_as_two_nodes_on_localhost(uninterrupted, tmp_path):
     outputs = [node.communicate(timeout=180)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-2000:] for output in outputs)
     assert_same_run(run_dir, reference_dir)
-
-
-def live_processes(group: int) -> list[str]:
-    """The processes of a process group that are still running (zombies excluded)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            pid_command, fields = stat.read_text().rsplit(")", 1)
-            state, _, pgrp = fields.split()[:3]
-            if int(pgrp) == group and state != "Z":
-                found.append(pid_command + ")")
-    return found
 
 
 @pytest.mark.parametrize("how,signum,status", [
