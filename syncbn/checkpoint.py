@@ -10,6 +10,7 @@ and renames the new one into place, so a crash at any moment leaves a complete c
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import os
 import random
@@ -26,6 +27,9 @@ LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 LOCK = ".lock"
 RANK_LOCK = ".rank.lock"
+REPLACED = "replaced"  # where a fresh start moves the run it replaces
+# Not part of a run: the locks, the directory's log of every command run in it, replaced runs.
+NOT_THE_RUN = (LOCK, RANK_LOCK, "train.log", REPLACED)
 FORMAT = 2  # 2: per-member loss sums and diverged members (the fused sweep)
 
 
@@ -85,6 +89,37 @@ def load(run_dir: Path) -> dict | None:
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise CheckpointError(f"{path} cannot be read ({reason}); move it away or pass train.resume=false") from error
     return None
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """For a fresh start (``train.resume=false``) in a directory that holds a run: move that run's
+    files into ``replaced/<time>/`` and return where, or None if there was nothing to move.
+
+    The new run writes nothing before the move is done, so a kill during it leaves part of the old
+    run, which a rerun continues from its latest checkpoint, refuses (metrics without a checkpoint:
+    ``require_checkpoint_for``) or moves on. The previous checkpoint goes first, then the latest:
+    never is the previous one left to be resumed in place of the latest."""
+    order = {PREVIOUS: 0, LATEST: 1}
+    found = sorted((path for path in run_dir.iterdir() if path.name not in NOT_THE_RUN),
+                   key=lambda path: (order.get(path.name, 2), path.name))
+    if not found:
+        return None
+    target = run_dir / REPLACED / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    _fsync_dir(run_dir)
+    return target
+
+
+def require_checkpoint_for(run_dir: Path) -> None:
+    """Refuse to start over, silently, in a directory whose metrics have no checkpoint to continue
+    from (deleted, or an earlier fresh start killed in the middle of moving the old run aside)."""
+    metrics = run_dir / "metrics.jsonl"
+    epochs = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    if epochs:
+        raise CheckpointError(f"{run_dir} holds {epochs} line(s) of metrics.jsonl but no checkpoint to continue them "
+                              f"from; train.resume=false starts over and moves them to {run_dir / REPLACED}")
 
 
 # What a run may change when it continues a checkpoint: how long it trains, how often it saves,

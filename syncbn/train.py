@@ -88,8 +88,11 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
         raise ConfigError(f"train.compile=true {problem}")
     train_set, _ = data.load(config.data)
     validate_batches(config, world_size, len(train_set))
-    state = checkpoint.load(run_dir) if config.train.resume else None
+    if not config.train.resume:
+        return None
+    state = checkpoint.load(run_dir)
     if state is None:
+        checkpoint.require_checkpoint_for(run_dir)
         return None
     checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
@@ -98,6 +101,13 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
 def owns_run_dir() -> bool:
     """This process writes the run directory: the app itself, or global rank 0 under torchrun."""
     return int(os.environ.get("RANK", 0)) == 0
+
+
+def start_over(config: Config, run_dir: Path) -> None:
+    """``train.resume=false``: the run the directory holds, if any, moves aside before this one writes."""
+    moved = None if config.train.resume else checkpoint.set_aside(run_dir)
+    if moved is not None:
+        log.info("train.resume=false: the run that was in %s is now in %s", run_dir, moved)
 
 
 def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
@@ -140,6 +150,7 @@ def main(cfg: DictConfig) -> None:
                     print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)
                 return
             if owns_run_dir():
+                start_over(config, run_dir)
                 save_hydra_files(cfg, run_dir)
                 if layout is not None:
                     layout.save(config, run_dir)

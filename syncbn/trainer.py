@@ -334,7 +334,6 @@ class Training:
             if metrics[index]["diverged"]:
                 progress.diverged.append(index)
         progress.history += records
-        self.metrics.append(records)
         if any(record["diverged"] for record in records):
             self.frozen = FrozenMembers(self.model.module, progress.diverged, len(self.members))
         # When every member has diverged there is nothing more to learn: mark the run finished, so a
@@ -342,7 +341,10 @@ class Training:
         finished = len(progress.diverged) == len(self.members)
         progress.epoch = self.config.train.epochs + 1 if finished else progress.epoch + 1
         progress.step, progress.loss_sums, progress.samples = 0, None, 0
+        # The checkpoint first: killed between the two, the resumed run rewrites metrics.jsonl from
+        # the checkpoint's history; the other way round, metrics would outlive their checkpoint.
         self.save_checkpoint()
+        self.metrics.append(records)
         return records
 
     def log_epoch(self, records: list[dict]) -> None:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 import re
@@ -226,3 +227,60 @@ def test_an_unreadable_checkpoint_names_the_file_and_the_first_line_of_why(tmp_p
         checkpoint.load(tmp_path)
     assert str(refusal.value) == f"{path} cannot be read ({why}); move it away or pass train.resume=false"
     assert content or why == "EOFError"
+
+
+def _old_run(run_dir):
+    """A run directory as a finished sweep leaves it, with the files that are not part of the run."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("optim: {lr: 0.01}\n")
+    for name in (checkpoint.LATEST, checkpoint.PREVIOUS, "metrics.jsonl", "summary.csv", "train.log", checkpoint.LOCK):
+        (run_dir / name).write_text(name)
+    return {".hydra", checkpoint.LATEST, checkpoint.PREVIOUS, "metrics.jsonl", "summary.csv"}
+
+
+def test_a_fresh_start_moves_the_whole_run_aside_and_nothing_else(tmp_path):
+    run = _old_run(tmp_path)
+    moved = checkpoint.set_aside(tmp_path)
+    assert moved.parent == tmp_path / checkpoint.REPLACED and {p.name for p in moved.iterdir()} == run
+    assert (moved / ".hydra" / "config.yaml").read_text() == "optim: {lr: 0.01}\n"
+    assert {p.name for p in tmp_path.iterdir()} == {"train.log", checkpoint.LOCK, checkpoint.REPLACED}
+    assert checkpoint.set_aside(tmp_path) is None, "nothing left to move"
+    _old_run(tmp_path / "again")
+    assert checkpoint.set_aside(tmp_path / "again") != moved
+
+
+@pytest.mark.parametrize("renames", range(1, 5))
+def test_a_fresh_start_killed_while_moving_leaves_no_checkpoint_beside_what_is_not_its_run(tmp_path, monkeypatch, renames):
+    """Whatever is left after ``renames`` moves is part of the old run that a rerun resumes from its
+    latest checkpoint, refuses (metrics, no checkpoint) or moves on: the previous checkpoint never
+    stays without the latest, to be resumed in its place."""
+    run = _old_run(tmp_path)
+    original, done = os.rename, []
+
+    def dies_after(source, target):
+        if len(done) == renames:
+            raise KeyboardInterrupt
+        done.append(source)
+        original(source, target)
+
+    monkeypatch.setattr(os, "rename", dies_after)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.set_aside(tmp_path)
+    monkeypatch.undo()
+    left = {p.name for p in tmp_path.iterdir()} & run
+    assert checkpoint.LATEST in left or checkpoint.PREVIOUS not in left
+    if checkpoint.LATEST not in left:
+        with pytest.raises(CheckpointError, match="no checkpoint to continue them from") if "metrics.jsonl" in left \
+                else contextlib.nullcontext():
+            checkpoint.require_checkpoint_for(tmp_path)
+    checkpoint.set_aside(tmp_path)
+    assert not {p.name for p in tmp_path.iterdir()} & run
+
+
+def test_metrics_without_a_checkpoint_are_refused_and_an_empty_or_missing_log_is_not(tmp_path):
+    checkpoint.require_checkpoint_for(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    checkpoint.require_checkpoint_for(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))} holds 2 line\(s\) of metrics.jsonl but no "):
+        checkpoint.require_checkpoint_for(tmp_path)

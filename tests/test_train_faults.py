@@ -1,17 +1,21 @@
 """The faults a user causes, reproduced as a user would cause them (real processes, signals and
-files): a killed launcher, a run directory asked for twice."""
+files): a killed launcher, a run directory asked for twice, a fresh start over an old run,
+checkpoints deleted under their metrics."""
 
 from __future__ import annotations
 
 import fcntl
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from app import ROOT, live_processes, read_metrics
+import torch
+from app import ROOT, live_processes, read_metrics, run, strip
+from omegaconf import OmegaConf
 
-from syncbn.checkpoint import RANK_LOCK
+from syncbn.checkpoint import RANK_LOCK, REPLACED
 
 SMALL = ["data.train_size=200", "model.hidden=[20]", "train.checkpoint_every_steps=2"]  # 2 steps an epoch
 
@@ -72,3 +76,45 @@ def test_a_run_is_refused_while_a_rank_of_an_earlier_one_still_writes_its_direct
     assert result.stderr.splitlines() == [f"syncbn.train: error: {tmp_path} belongs to a run still going (pid 4242); "
                                           "wait for it or pick another hydra.run.dir"]
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / ".hydra").exists()
+
+
+def one_process(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "syncbn.train", *SMALL, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def recorded_lr(run_dir: Path) -> float:
+    return OmegaConf.load(run_dir / ".hydra" / "config.yaml").optim.lr
+
+
+def test_a_fresh_start_moves_the_old_run_aside_so_a_kill_before_its_first_checkpoint_mixes_no_runs(tmp_path):
+    """``train.resume=false optim.lr=0.05`` over a finished lr 0.01 run, SIGKILLed after its first
+    step: the directory holds the new run's config and no checkpoint or metrics, the old run sits
+    whole in replaced/; the original command then trains its run again, to the same metrics."""
+    run(one_process(tmp_path, "train.epochs=2"))
+    finished = read_metrics(tmp_path)
+    killed = subprocess.run(one_process(tmp_path, "train.epochs=2", "train.resume=false", "optim.lr=0.05",
+                                        "fault.kill_rank=0", "fault.kill_at_step=1"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [replaced] = (tmp_path / REPLACED).iterdir()
+    assert recorded_lr(replaced) == 0.01 and read_metrics(replaced) == finished
+    assert torch.load(replaced / "checkpoint.pt", weights_only=True)["progress"]["history"] == finished
+    assert recorded_lr(tmp_path) == 0.05 and not list(tmp_path.glob("*.pt")) and read_metrics(tmp_path) == []
+    run(one_process(tmp_path, "train.epochs=2"))
+    assert recorded_lr(tmp_path) == 0.01 and strip(read_metrics(tmp_path)) == strip(finished)
+
+
+def test_metrics_whose_checkpoints_are_gone_are_not_restarted_over_but_moved_aside_by_a_fresh_start(tmp_path):
+    run(one_process(tmp_path, "train.epochs=1"))
+    finished = read_metrics(tmp_path)
+    for path in tmp_path.glob("*.pt"):
+        path.unlink()
+    refused = subprocess.run(one_process(tmp_path, "train.epochs=1"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"syncbn.train: error: {tmp_path} holds 1 line(s) of metrics.jsonl but no checkpoint to continue them from; "
+        f"train.resume=false starts over and moves them to {tmp_path / REPLACED}"]
+    assert read_metrics(tmp_path) == finished
+    run(one_process(tmp_path, "train.epochs=1", "train.resume=false"))
+    [replaced] = (tmp_path / REPLACED).iterdir()
+    assert read_metrics(replaced) == finished and strip(read_metrics(tmp_path)) == strip(finished)
