@@ -30,6 +30,7 @@ RANK_LOCK = ".rank.lock"
 REPLACED = "replaced"  # where a fresh start moves the run it replaces
 # Not part of a run: the locks, the directory's log of every command run in it, replaced runs.
 NOT_THE_RUN = (LOCK, RANK_LOCK, "train.log", REPLACED)
+PARTS = ("signature", "model", "optimizer", "progress", "rng")
 FORMAT = 2  # 2: per-member loss sums and diverged members (the fused sweep)
 
 
@@ -84,10 +85,15 @@ def load(run_dir: Path) -> dict | None:
         path = run_dir / name
         if path.exists():
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise CheckpointError(f"{path} cannot be read ({reason}); move it away or pass train.resume=false") from error
+            missing = [part for part in PARTS if not isinstance(state, dict) or part not in state]
+            if missing:
+                raise CheckpointError(f"{path} is a torch file but not a syncbn checkpoint (a {type(state).__name__} "
+                                      f"without {', '.join(missing)}); move it away or pass train.resume=false")
+            return state
     return None
 
 

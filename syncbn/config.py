@@ -7,9 +7,10 @@ composed DictConfig into these dataclasses at the boundary, and ``validate`` che
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -153,6 +154,38 @@ class ConfigError(ValueError):
     """A configuration value that has the right type but cannot work."""
 
 
+SEEDS = ("seed", "data.split_seed", "sweep.seeds")
+SEED_LIMIT = 2**32  # seeds: [0, 2^32), what every generator seeded here takes
+INT_LIMIT = 2**31  # every other whole number: sizes and counts beyond int32 are no run's
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+
+
+def numbers(node, prefix: str = "") -> Iterator[tuple[str, object, list]]:
+    """Every number in the config as ``(key, value, its numbers)``, a list's items together: read
+    from the dataclasses themselves, so a key added to the schema is checked without being listed."""
+    for item in fields(node):
+        key, value = f"{prefix}{item.name}", getattr(node, item.name)
+        if is_dataclass(value):
+            yield from numbers(value, f"{key}.")
+            continue
+        found = [v for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if found:
+            yield key, value, found
+
+
+def _number_problems(config: Config) -> Iterator[str]:
+    for key, value, found in numbers(config):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in found):
+            yield f"{key} must be {'finite numbers' if isinstance(value, list) else 'a finite number'}, got {value}"
+        elif key in SEEDS and not all(0 <= v < SEED_LIMIT for v in found):
+            yield f"{key} must be in [0, 2^32), got {value}"
+        elif key not in SEEDS and any(isinstance(v, int) and abs(v) >= INT_LIMIT for v in found):
+            yield f"{key} must be below 2^31 in size, got {value}"
+    if math.isfinite(config.dist.timeout_s) and config.dist.timeout_s > MAX_TIMEOUT_S:
+        yield f"dist.timeout_s must be at most {MAX_TIMEOUT_S:.0f} (30 days), got {config.dist.timeout_s}"
+
+
 def _choice_problems(config: Config) -> Iterator[str]:
     for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
                                 ("data", config.data.name, DATASETS), ("model.name", config.model.name, MODELS),
@@ -168,9 +201,11 @@ def _norm_problems(config: Config, world_size: int) -> Iterator[str]:
         yield f"norm.eps must be > 0, got {norm.eps}"
     if not 0 <= norm.momentum <= 1:
         yield f"norm.momentum must be in [0, 1] (the weight of each new batch in the running statistics), got {norm.momentum}"
-    if "groupnorm" in {member.norm for member in members(config)}:
-        if norm.num_groups < 1 or any(width % norm.num_groups for width in config.model.hidden):
-            yield f"norm.num_groups={norm.num_groups} must be >= 1 and divide every width of model.hidden={config.model.hidden}"
+    if norm.num_groups < 1:
+        yield f"norm.num_groups must be >= 1, got {norm.num_groups}"
+    elif "groupnorm" in {member.norm for member in members(config)}:
+        if any(width % norm.num_groups for width in config.model.hidden):
+            yield f"norm.num_groups={norm.num_groups} must divide every width of model.hidden={config.model.hidden}"
     if norm.ghost_slices is not None:
         if norm.name != "bn":
             yield f"norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm={norm.name}"
@@ -242,6 +277,7 @@ def _sweep_problems(config: Config) -> Iterator[str]:
 
 def _problems(config: Config, world_size: int) -> Iterator[str]:
     """Every value the types allow but a run cannot use, as a message naming the key."""
+    yield from _number_problems(config)
     yield from _choice_problems(config)
     yield from _sweep_problems(config)
     yield from _norm_problems(config, world_size)

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -72,6 +73,8 @@ def choose_device(config: DistConfig, local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank) if config.device == "cuda" else torch.device(config.device)
     except RuntimeError as error:
         raise ConfigError(f"dist.device={config.device} is not a device name torch knows ({error})") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"dist.device must be cpu, cuda or cuda:N, got {config.device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"dist.device={config.device} but CUDA is not available on this machine")
     return device
@@ -83,6 +86,21 @@ def choose_backend(config: DistConfig, device: torch.device) -> str:
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError(f"dist.backend=nccl needs CUDA devices, but this rank runs on {device}")
     return backend
+
+
+def local_processes(world_size: int) -> int:
+    """The ranks of this run on this machine: torchrun's per-node count, else all of them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new processes (Linux's MemAvailable), or None where it is not known."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    return found[0] if found else None
 
 
 def check(config: DistConfig) -> None:

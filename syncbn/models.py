@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm
-from syncbn.config import Config, Member, ModelConfig, NormConfig, is_sweep, members
+from syncbn.config import Config, ConfigError, Member, ModelConfig, NormConfig, is_sweep, members
 
 IMAGE_FEATURES = 28 * 28
 CLASSES = 10
@@ -75,6 +75,44 @@ def make_cnn(model: ModelConfig, norm: NormConfig) -> nn.Sequential:
         channels, side = width, side // 2
     layers += [nn.Flatten(), nn.Linear(channels * side * side, CLASSES)]
     return _init_weights(layers, model.weight_scale)
+
+
+CNN_SIDES = (28, 14, 7, 3)  # each layer's input side: max-pool halves it, to 1 after the fourth
+PROCESS_BYTES = 256 * 2**20  # what a rank with torch imported holds before any model (measured: ~280 MiB private)
+
+
+def footprint(config: Config, world_size: int) -> tuple[int, int]:
+    """(parameters, bytes) of one rank's job: the parameters with their gradients and two optimizer
+    states, and the activations of the larger of its training and evaluation batches, every member."""
+    model, hidden = config.model, config.model.hidden
+    if model.name == "cnn":
+        sides = CNN_SIDES[: len(hidden)]
+        params = sum((9 * c_in + 3) * c_out for c_in, c_out in zip([1, *hidden], hidden))
+        params += (hidden[-1] * (sides[-1] // 2) ** 2 + 1) * CLASSES
+        per_sample = sum(width * side * side * 3 + width * (side // 2) ** 2 for width, side in zip(hidden, sides))
+    else:
+        widths = [IMAGE_FEATURES, *hidden, CLASSES]
+        params = sum((a + 3) * b for a, b in zip(widths, widths[1:]))
+        per_sample = IMAGE_FEATURES + 4 * sum(hidden) + CLASSES
+    size = torch.finfo(getattr(torch, config.train.dtype)).bits // 8
+    batch = max(config.train.global_batch_size // world_size, config.train.eval_batch_size)
+    networks = len(members(config))
+    return networks * params, networks * size * (4 * params + batch * per_sample)
+
+
+def check(config: Config, world_size: int, local_processes: int, available: int | None) -> None:
+    """Refuse a model that cannot be built (a CNN deeper than its image) or that the ``local_processes``
+    ranks on this machine cannot hold in the ``available`` bytes of memory (None: not known)."""
+    hidden = config.model.hidden
+    if config.model.name == "cnn" and len(hidden) > len(CNN_SIDES):
+        raise ConfigError(f"model=cnn halves its 28x28 input in every layer ({', '.join(map(str, CNN_SIDES))}, 1): "
+                          f"model.hidden may list at most {len(CNN_SIDES)} widths, got {len(hidden)}")
+    params, bytes_ = footprint(config, world_size)
+    need = local_processes * (PROCESS_BYTES + bytes_)
+    if available is not None and need > available:
+        raise ConfigError(f"{local_processes} rank(s) on this machine of a model of {params:,} parameters "
+                          f"(model.hidden={hidden}) need about {need / 2**30:.1f} GiB, more than the "
+                          f"{available / 2**30:.1f} GiB of memory free here: fewer ranks or a smaller model")
 
 
 def build_model(model: ModelConfig, norm: NormConfig, dtype: str = "float32") -> nn.Module:

@@ -79,10 +79,12 @@ class Layout:
 
 def _problems(config: Config) -> Iterator[str]:
     study, batch = config.study, config.train.global_batch_size
+    if study.max_real_ranks < 1:  # a value of its own, in an ordinary run too
+        yield f"study.max_real_ranks must be >= 1, got {study.max_real_ranks}"
+    if study.per_device_batch is None:
+        return
     if study.per_device_batch < 1 or batch % study.per_device_batch:
         yield f"study.per_device_batch={study.per_device_batch} must divide train.global_batch_size={batch}"
-    if study.max_real_ranks < 1:
-        yield f"study.max_real_ranks must be >= 1, got {study.max_real_ranks}"
     if config.dist.nproc != 1 or launched():
         yield "study.per_device_batch sets the world size itself: leave dist.nproc at 1 and start it without torchrun"
     if config.norm.ghost_slices is not None:
@@ -98,11 +100,11 @@ def _problems(config: Config) -> Iterator[str]:
 
 def plan(config: Config) -> Layout | None:
     """The layout of a study run, or None for an ordinary run (``study.per_device_batch`` null)."""
-    if config.study.per_device_batch is None:
-        return None
     problem = next(_problems(config), None)
     if problem is not None:
         raise ConfigError(problem)
+    if config.study.per_device_batch is None:
+        return None
     world_size = config.train.global_batch_size // config.study.per_device_batch
     if world_size <= config.study.max_real_ranks:
         execution = "real"

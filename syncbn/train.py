@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from syncbn import checkpoint, data, distributed, plot, study, trainer
+from syncbn import checkpoint, data, distributed, models, plot, study, trainer
 from syncbn.checkpoint import CheckpointError
 from syncbn.config import Config, ConfigError, is_sweep, register, to_config, validate, validate_batches
 from syncbn.data import DataError
@@ -77,17 +77,21 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     return history
 
 
-def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
-    """Everything that can be checked before a process group starts: values, backend and device,
-    the data, and a checkpoint this run would resume from. Returns why there is nothing to train,
-    if that is so."""
+def preflight(config: Config, world_size: int) -> None:
+    """Everything that can be checked before the run takes its directory: values, backend and
+    device, the model's size, the data and how it is dealt."""
     validate(config, world_size)
     distributed.check(config.dist)
+    models.check(config, world_size, distributed.local_processes(world_size), distributed.available_memory())
     problem = cannot_compile() if config.train.compile else None
     if problem:
         raise ConfigError(f"train.compile=true {problem}")
     train_set, _ = data.load(config.data)
     validate_batches(config, world_size, len(train_set))
+
+
+def nothing_to_resume(config: Config, world_size: int, run_dir: Path) -> str | None:
+    """Check the checkpoint this run would resume from; returns why there is nothing to train, if so."""
     if not config.train.resume:
         return None
     state = checkpoint.load(run_dir)
@@ -96,6 +100,27 @@ def preflight(config: Config, world_size: int, run_dir: Path) -> str | None:
         return None
     checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
+
+
+@contextlib.contextmanager
+def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
+    """A command refused before it takes its directory leaves nothing behind: Hydra has made the
+    directory and its empty ``train.log`` by then. Only a directory holding that alone is removed,
+    never one another run has written into, and with it its parents below the working directory
+    that are left empty (``outputs/DATE/``); a directory elsewhere may have been empty before."""
+    try:
+        yield
+    except KNOWN_FAILURES:
+        log_file = run_dir / "train.log"
+        if owns_run_dir() and [p.name for p in run_dir.iterdir()] == ["train.log"] and not log_file.stat().st_size:
+            log_file.unlink()
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+                for directory in run_dir.absolute().parents:
+                    if Path.cwd() not in directory.parents or any(directory.iterdir()):
+                        break
+                    directory.rmdir()
+        raise
 
 
 def owns_run_dir() -> bool:
@@ -137,14 +162,16 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
-        config = to_config(cfg)
-        layout = study.plan(config)
-        if layout is not None:
-            config = layout.apply(config)
-        world_size = distributed.planned_world_size(config.dist)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        with nothing_left_if_refused(run_dir):
+            config = to_config(cfg)
+            layout = study.plan(config)
+            if layout is not None:
+                config = layout.apply(config)
+            world_size = distributed.planned_world_size(config.dist)
+            preflight(config, world_size)
         with checkpoint.claim(run_dir) if owns_run_dir() else contextlib.nullcontext():
-            nothing_to_train = preflight(config, world_size, run_dir)
+            nothing_to_train = nothing_to_resume(config, world_size, run_dir)
             if nothing_to_train:
                 if owns_run_dir():
                     print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)

@@ -91,7 +91,7 @@ MUTATIONS = [
              'self.path = run_dir / "metrics.jsonl" if run_dir is not None else None',
              (train("test_cpu_simulation_runs_two_ranks_and_writes_metrics"),)),
     Mutation("fresh-start-reads-the-checkpoint", "syncbn/train.py",
-             "state = checkpoint.load(run_dir) if config.train.resume else None", "state = checkpoint.load(run_dir)",
+             "    if not config.train.resume:\n        return None\n    state", "    state",
              (errors("test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace"),)),
     Mutation("signal-exit-code-sign", "syncbn/train.py", "if -failure.exitcode in EXIT_STATUS:",
              "if failure.exitcode in EXIT_STATUS:",

@@ -15,16 +15,21 @@ from syncbn.config import (Config, DataConfig, DistConfig, FaultConfig, NormConf
                            TrainConfig)
 
 
+def _parts(step: int) -> dict:
+    """Something that has every part of a checkpoint, told apart by ``step``."""
+    return {part: {} for part in checkpoint.PARTS} | {"progress": {"step": step}}
+
+
 def test_save_keeps_the_previous_checkpoint_and_load_reads_the_latest(tmp_path):
-    checkpoint.save(tmp_path, {"step": 1})
-    checkpoint.save(tmp_path, {"step": 2})
-    assert checkpoint.load(tmp_path) == {"step": 2}
-    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=True) == {"step": 1}
+    checkpoint.save(tmp_path, _parts(1))
+    checkpoint.save(tmp_path, _parts(2))
+    assert checkpoint.load(tmp_path) == _parts(2)
+    assert torch.load(tmp_path / checkpoint.PREVIOUS, weights_only=True) == _parts(1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.LATEST, checkpoint.PREVIOUS])
 
 
 def test_a_crash_while_saving_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path, {"step": 1})
+    checkpoint.save(tmp_path, _parts(1))
 
     def dies_half_way(obj, f):
         f.write(b"half a checkpoint")
@@ -32,14 +37,14 @@ def test_a_crash_while_saving_leaves_the_last_checkpoint_intact(tmp_path, monkey
 
     monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(tmp_path, {"step": 2})
-    assert checkpoint.load(tmp_path) == {"step": 1}
+        checkpoint.save(tmp_path, _parts(2))
+    assert checkpoint.load(tmp_path) == _parts(1)
 
 
 def test_between_the_two_renames_the_previous_checkpoint_is_used(tmp_path):
-    checkpoint.save(tmp_path, {"step": 1})
+    checkpoint.save(tmp_path, _parts(1))
     (tmp_path / checkpoint.LATEST).rename(tmp_path / checkpoint.PREVIOUS)
-    assert checkpoint.load(tmp_path) == {"step": 1}
+    assert checkpoint.load(tmp_path) == _parts(1)
 
 
 def test_a_directory_without_checkpoint_has_nothing_to_resume(tmp_path):
@@ -284,3 +289,18 @@ def test_metrics_without_a_checkpoint_are_refused_and_an_empty_or_missing_log_is
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))} holds 2 line\(s\) of metrics.jsonl but no "):
         checkpoint.require_checkpoint_for(tmp_path)
+
+
+@pytest.mark.parametrize("content,without", [
+    ({}, "dict without signature, model, optimizer, progress, rng"),
+    ([1, 2], "list without signature, model, optimizer, progress, rng"),
+    (torch.zeros(2), "Tensor without signature, model, optimizer, progress, rng"),
+    ({part: {} for part in checkpoint.PARTS if part != "rng"}, "dict without rng"),
+    ({part: {} for part in checkpoint.PARTS if part not in ("signature", "model")}, "dict without signature, model"),
+])
+def test_a_torch_file_that_is_not_a_checkpoint_is_refused_in_one_line_naming_what_it_lacks(tmp_path, content, without):
+    torch.save(content, tmp_path / checkpoint.LATEST)
+    with pytest.raises(CheckpointError) as refusal:
+        checkpoint.load(tmp_path)
+    assert str(refusal.value) == (f"{tmp_path / checkpoint.LATEST} is a torch file but not a syncbn checkpoint (a "
+                                  f"{without}); move it away or pass train.resume=false")

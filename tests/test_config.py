@@ -143,16 +143,16 @@ BOUNDARIES = [
     (["norm.momentum=0"], 1, None), (["norm.momentum=1"], 1, None),
     (["norm.momentum=1.01"], 1, "norm.momentum must be in [0, 1] (the weight of each new batch in the running "
                                 "statistics), got 1.01"),
-    (["norm=groupnorm", "norm.num_groups=0"], 1,
-     "norm.num_groups=0 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+    (["norm=groupnorm", "norm.num_groups=0"], 1, "norm.num_groups must be >= 1, got 0"),
+    (["norm=syncbn", "norm.num_groups=0"], 1, "norm.num_groups must be >= 1, got 0"),  # unused, still a value
     (["norm=groupnorm", "norm.num_groups=3"], 1,
-     "norm.num_groups=3 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+     "norm.num_groups=3 must divide every width of model.hidden=[100, 100, 100, 100, 100]"),
     (["norm=groupnorm", "norm.num_groups=4", "model.hidden=[100,30]"], 1,
-     "norm.num_groups=4 must be >= 1 and divide every width of model.hidden=[100, 30]"),
+     "norm.num_groups=4 must divide every width of model.hidden=[100, 30]"),
     (["norm=groupnorm", "norm.num_groups=1"], 1, None), (["norm=groupnorm", "norm.num_groups=100"], 1, None),
     (["norm=syncbn", "norm.num_groups=3"], 1, None),  # only a groupnorm member uses it
     (["norm=syncbn", "norm.num_groups=3", "sweep.norms=[syncbn,groupnorm]"], 1,
-     "norm.num_groups=3 must be >= 1 and divide every width of model.hidden=[100, 100, 100, 100, 100]"),
+     "norm.num_groups=3 must divide every width of model.hidden=[100, 100, 100, 100, 100]"),
     (["norm=syncbn", "norm.ghost_slices=2"], 1, "norm.ghost_slices emulates per-rank BatchNorm and needs norm=bn, got norm=syncbn"),
     (["norm=bn", "norm.ghost_slices=0"], 1, "norm.ghost_slices=0 must be >= 1 and divide the per-rank batch 100/1"),
     (["norm=bn", "norm.ghost_slices=1"], 1, None), (["norm=bn", "norm.ghost_slices=100"], 1, None),

@@ -23,6 +23,8 @@ def test_without_cuda_ranks_run_on_the_cpu_with_gloo(device, backend, expected):
 
 @pytest.mark.parametrize("device,backend,message", [
     ("tpu0", None, "dist.device=tpu0 is not a device name torch knows ("),
+    ("meta", None, "dist.device must be cpu, cuda or cuda:N, got meta"),  # a device torch knows, no run's
+    ("xpu", None, "dist.device must be cpu, cuda or cuda:N, got xpu"),
     ("cuda", None, "dist.device=cuda but CUDA is not available on this machine"),
     ("cuda:1", "gloo", "dist.device=cuda:1 but CUDA is not available on this machine"),
     ("cpu", "nccl", "dist.backend=nccl needs CUDA devices, but this rank runs on cpu"),
@@ -45,3 +47,20 @@ def test_the_planned_world_size_is_torchruns_when_launched_and_dist_nproc_otherw
     assert not distributed.launched(), "torchrun sets all four"
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert distributed.launched() and distributed.planned_world_size(DistConfig(nproc=3)) == 5
+
+
+def test_local_processes_are_torchruns_per_node_count_else_every_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.local_processes(4) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.local_processes(4) == 2
+
+
+def test_available_memory_is_linuxs_mem_available_and_none_where_unknown(monkeypatch, tmp_path):
+    found = distributed.available_memory()
+    expected = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:")) * 1024
+    assert found is not None and abs(found - expected) < 2**30
+    monkeypatch.setattr(distributed, "Path", lambda _: tmp_path / "no-meminfo")
+    assert distributed.available_memory() is None
+    (tmp_path / "no-meminfo").write_text("MemTotal: 1 kB\n")
+    assert distributed.available_memory() is None

@@ -7,6 +7,8 @@ from app import compose_config
 
 from syncbn import GhostBatchNorm, SyncBatchNorm
 from syncbn.config import ModelConfig, NormConfig, members
+from syncbn import models
+from syncbn.config import ConfigError
 from syncbn.models import MemberMLP, build_model, build_network, make_norm
 
 NORM_LAYERS = {"syncbn": SyncBatchNorm, "bn": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "groupnorm": nn.GroupNorm, "none": nn.Identity}
@@ -188,3 +190,34 @@ def test_a_single_run_is_its_standalone_network_in_the_configured_dtype():
     assert isinstance(network, nn.Sequential) and next(network.parameters()).dtype == torch.float64
     assert [type(m) for m in network] == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert network[2].eps == 0.5
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=cnn"], ["model=cnn", "model.hidden=[4,8,8,16]"], ["norm=none"],
+                                       ["+experiment=weight_scale_sweep"], ["model.hidden=[7,300]", "norm=layernorm"]])
+def test_the_footprint_counts_the_parameters_the_job_builds_and_their_bytes(overrides):
+    """An upper bound by at most two values per width (a norm's weight and bias, there or not)."""
+    config = compose_config(*overrides)
+    built = sum(p.numel() for p in build_network(config).parameters())
+    params, need = models.footprint(config, world_size=1)
+    slack = 2 * (sum(config.model.hidden) + 10) * len(members(config))
+    assert built <= params <= built + slack
+    assert need >= 4 * 4 * params, "parameters, gradients and two optimizer states, in float32"
+
+
+def test_a_model_this_machine_cannot_hold_is_refused_naming_the_size_and_the_ranks():
+    config = compose_config("model.hidden=[4096,4096]")
+    params, need = models.footprint(config, world_size=2)
+    models.check(config, 2, 2, available=2 * (models.PROCESS_BYTES + need))
+    models.check(config, 2, 2, available=None)
+    with pytest.raises(ConfigError, match=rf"^2 rank\(s\) on this machine of a model of {params:,} parameters "
+                                          r"\(model.hidden=\[4096, 4096\]\) need about 1.3 GiB, more than the 1.3 GiB of memory free here: "
+                                          r"fewer ranks or a smaller model$"):
+        models.check(config, 2, 2, available=2 * (models.PROCESS_BYTES + need) - 1)
+
+
+def test_a_cnn_deeper_than_its_image_is_refused_and_four_layers_fit():
+    assert build_network(compose_config("model=cnn", "model.hidden=[4,4,4,4]"))(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    models.check(compose_config("model=cnn", "model.hidden=[4,4,4,4]"), 1, 1, None)
+    with pytest.raises(ConfigError, match=r"^model=cnn halves its 28x28 input in every layer \(28, 14, 7, 3, 1\): "
+                                          r"model.hidden may list at most 4 widths, got 5$"):
+        models.check(compose_config("model=cnn", "model.hidden=[4,4,4,4,4]"), 1, 1, None)

@@ -53,6 +53,7 @@ EQUAL_BATCHES = ("the batch-size study needs data.train_size divisible by train.
     (["study.per_device_batch=0"], "study.per_device_batch=0 must divide train.global_batch_size=64"),
     (["study.per_device_batch=24"], "study.per_device_batch=24 must divide train.global_batch_size=64"),
     (["study.max_real_ranks=0"], "study.max_real_ranks must be >= 1, got 0"),
+    (["study.max_real_ranks=0", "study.per_device_batch=null"], "study.max_real_ranks must be >= 1, got 0"),
     (["dist.nproc=4"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1 and start it without "
                        "torchrun"),
     (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batch sets norm.ghost_slices itself: leave it null"),

@@ -30,13 +30,19 @@ from syncbn.study import main as study_main
     (["train.epochs=0"], "train.epochs must be >= 1, got 0"),
     (["model.weight_scale=0"], "model.weight_scale must be > 0, got 0.0"),
     (["model.hidden=[]"], "model.hidden must list at least one hidden layer width"),
+    (["model.hidden=[100000000]"], "of a model of 79,700,000,030 parameters (model.hidden=[100000000]) need about"),
+    (["model=cnn", "model.hidden=[8,8,8,8,8]"], "model.hidden may list at most 4 widths, got 5"),
+    (["norm.eps=inf"], "norm.eps must be a finite number, got inf"),  # was: trained at chance, exit 0
+    (["dist.timeout_s=inf"], "dist.timeout_s must be a finite number, got inf"),
+    (["dist.timeout_s=1e300"], "dist.timeout_s must be at most 2592000 (30 days), got 1e+300"),
     (["dist.nproc=3"], "train.global_batch_size=100 is not divisible by the world size 3"),
     (["dist.nproc=4", "train.global_batch_size=2"], "train.global_batch_size=2 is smaller than the world size 4"),
     (["dist.nproc=0"], "dist.nproc must be >= 1, got 0"),
     (["train.dtype=float16"], "train.dtype must be one of float32, float64, got 'float16'"),
     (["model.dropout=1"], "model.dropout must be in [0, 1), got 1.0"),
-    (["norm=groupnorm", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width of model.hidden"),
-    (["norm=groupnorm", "norm.num_groups=0"], "norm.num_groups=0 must be >= 1"),
+    (["norm=groupnorm", "norm.num_groups=7"], "norm.num_groups=7 must divide every width of model.hidden"),
+    (["norm=groupnorm", "norm.num_groups=0"], "norm.num_groups must be >= 1, got 0"),
+    (["norm.num_groups=0"], "norm.num_groups must be >= 1, got 0"),  # a value of its own, used or not
     (["norm.eps=-1"], "norm.eps must be > 0, got -1.0"),
     (["norm.momentum=5"], "norm.momentum must be in [0, 1]"),
     (["train.eval_batch_size=0"], "train.eval_batch_size must be >= 1, got 0"),
@@ -64,7 +70,7 @@ from syncbn.study import main as study_main
     (["+experiment=weight_scale_sweep", "model=cnn"], "a sweep trains its members as one batched MLP: model must be mlp, got cnn"),
     (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], "norm.ghost_slices emulates per-rank BatchNorm in a single run"),
     (["+experiment=batch_size_study", "sweep.seeds=[0,1]"], "the batch-size study (study.per_device_batch) trains single runs"),
-    (["sweep.norms=[none,groupnorm]", "norm.num_groups=7"], "norm.num_groups=7 must be >= 1 and divide every width"),
+    (["sweep.norms=[none,groupnorm]", "norm.num_groups=7"], "norm.num_groups=7 must divide every width"),
     (["sweep.norms=[none,bn]", "dist.nproc=2", "train.global_batch_size=2"], "per-rank batches of 1: norm=bn would normalize"),
 ])
 def test_bad_input_is_one_line_naming_it(monkeypatch, capsys, tmp_path, overrides, message):
@@ -177,9 +183,9 @@ def test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace(tmp_path):
     looked at; with resume it is, and refused in one line."""
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     config = compose_config("train.resume=false")
-    assert train.preflight(config, 1, tmp_path) is None
+    assert train.nothing_to_resume(config, 1, tmp_path) is None
     with pytest.raises(CheckpointError, match="checkpoint.pt cannot be read"):
-        train.preflight(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
+        train.nothing_to_resume(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
 
 
 def failed_child(exitcode: int) -> ChildFailedError:
@@ -203,7 +209,7 @@ def test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is
 def test_where_an_interrupted_run_stopped_is_said_for_each_case(tmp_path):
     assert train.where_training_stopped(None, "rerun") == "before training started"
     assert train.where_training_stopped(tmp_path, "rerun") == f"before the first checkpoint; {tmp_path} has nothing to resume"
-    checkpoint.save(tmp_path, {"progress": {"epoch": 3, "step": 7}})
+    checkpoint.save(tmp_path, {part: {} for part in checkpoint.PARTS} | {"progress": {"epoch": 3, "step": 7}})
     assert train.where_training_stopped(tmp_path, "rerun it") == "at epoch 3, step 7 (the last checkpoint); rerun it"
 
 

@@ -1,0 +1,98 @@
+"""Every value a user can type, generated from the config schema: each out-of-range, non-finite,
+mistyped or unknown value is one line naming the key, exit 1, and nothing left on disk."""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from dataclasses import is_dataclass
+
+import pytest
+from app import cli, read_metrics
+
+from syncbn.config import SEEDS, Config
+
+CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device"}
+FREE_TEXT = {"data.root"}  # any path names a place for the data
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, object]]:
+    for name, hint in typing.get_type_hints(schema).items():
+        if is_dataclass(hint):
+            yield from schema_keys(hint, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", hint
+
+
+def bad_values(key: str, hint: object) -> list[str]:
+    """Values of ``key`` that no run can use, by the key's type."""
+    kinds = set(typing.get_args(hint)) or {hint}
+    item = typing.get_args(next((k for k in kinds if typing.get_origin(k) is list), None) or list)
+    too_big = "4294967296" if key in SEEDS else "2147483648"
+    if item:
+        if item[0] is float:
+            return ["[nan]", "[inf,0.1]", "[-1]", "[abc]"]
+        if item[0] is int:
+            return ["[-1]", f"[{too_big}]", "[abc]"]
+        return ["[bogus]"]
+    if bool in kinds:
+        return ["maybe"]
+    if float in kinds:
+        return ["nan", "inf", "-inf", "-1", "abc"]
+    if int in kinds:
+        return ["-1", too_big, "abc", "1.5"]
+    return ["meta", "bogus"] if key == "dist.device" else ["bogus"]
+
+
+KEYS = [(key, hint) for key, hint in schema_keys() if key not in FREE_TEXT]
+SINGLE = [(f"{key}={value}",) for key, hint in KEYS for value in bad_values(key, hint)]
+PAIRS = [(f"{a}={bad_values(a, ha)[0]}", f"{b}={bad_values(b, hb)[-1]}") for (a, ha), (b, hb) in itertools.pairwise(KEYS)]
+
+
+def test_the_battery_covers_every_key_of_the_schema_and_is_large():
+    assert {key for key, _ in KEYS} | FREE_TEXT == {key for key, _ in schema_keys()}
+    assert CHOICES <= {key for key, _ in KEYS} and len(SINGLE) + len(PAIRS) >= 150
+
+
+def named(override: str, err: str) -> bool:
+    key = override.split("=")[0]
+    return key in err or (key in CHOICES and key.removesuffix(".name") + " must be one of" in err)
+
+
+@pytest.mark.parametrize("overrides", SINGLE + PAIRS, ids="|".join)
+def test_every_bad_value_is_one_line_naming_its_key_and_leaves_nothing(monkeypatch, capsys, tmp_path, overrides):
+    run_dir = tmp_path / "run"
+    code, err = cli(monkeypatch, capsys, *overrides, f"hydra.run.dir={run_dir}")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("syncbn.train: error: "), err
+    assert any(named(override, err) for override in overrides), err
+    assert list(tmp_path.iterdir()) == [], "a refused command leaves nothing behind"
+
+
+def test_a_refused_command_leaves_a_directory_with_a_run_in_it_alone(monkeypatch, capsys, tmp_path):
+    assert cli(monkeypatch, capsys, "train.epochs=1", "data.train_size=100", f"hydra.run.dir={tmp_path}")[0] == 0
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    code, err = cli(monkeypatch, capsys, "train.epochs=1", "data.train_size=100", "optim.lr=nan", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and "optim.lr must be a finite number, got nan" in err
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    assert after == before and len(read_metrics(tmp_path)) == 1
+
+
+def test_a_refused_command_in_the_default_directory_leaves_no_empty_outputs_behind(monkeypatch, capsys, tmp_path):
+    """``outputs/DATE/TIME`` from the clock, below the working directory: all three removed."""
+    monkeypatch.chdir(tmp_path)
+    code, _ = cli(monkeypatch, capsys, "optim.lr=inf")
+    assert code == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_command_removes_only_the_run_directory_it_was_given_outside_the_working_directory(
+        monkeypatch, capsys, tmp_path):
+    (tmp_path / "mine").mkdir()
+    code, _ = cli(monkeypatch, capsys, "optim.lr=inf", f"hydra.run.dir={tmp_path / 'mine' / 'run'}")
+    assert code == 1 and [p.name for p in tmp_path.iterdir()] == ["mine"] and not any((tmp_path / "mine").iterdir())
+
+
+def test_a_refused_command_keeps_a_log_that_holds_something(monkeypatch, capsys, tmp_path):
+    """A directory with nothing but a written train.log: someone's record, left as it was."""
+    (tmp_path / "train.log").write_text("an earlier command's line\n")
+    assert cli(monkeypatch, capsys, "optim.lr=inf", f"hydra.run.dir={tmp_path}")[0] == 1
+    assert (tmp_path / "train.log").read_text().startswith("an earlier command's line\n")
