@@ -14,12 +14,15 @@ import datetime
 import fcntl
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from syncbn.config import Config
 
@@ -197,6 +200,35 @@ def nothing_left(state: dict, epochs: int, run_dir: Path) -> str | None:
     if trained >= epochs:
         return f"{run_dir} has trained {trained} epochs of train.epochs={epochs}: nothing to train (raise train.epochs to go on)"
     return None
+
+
+def _sweep(cfg: DictConfig) -> list[str]:
+    """What makes a multirun the sweep it is: its overrides and sweeper lists, less what may change
+    on resume (a rerun of the same sweep with more epochs continues each of its runs)."""
+    overrides = [o for o in cfg.hydra.overrides.task if not o.lstrip("+~").startswith(MAY_CHANGE)]
+    params = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params) if params else {}
+    return sorted([*overrides, *(f"{key}={value}" for key, value in params.items())])
+
+
+class OneSweepPerDirectory(Callback):
+    """Hydra callback (every multirun, conf/config.yaml): a sweep directory holds one sweep. Before
+    Hydra writes ``multirun.yaml``, a directory that holds another sweep's is refused, so its
+    summary and figure never mix two sweeps and its record stays the one its runs were trained with."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        record = sweep_dir / "multirun.yaml"
+        if not record.exists():
+            return
+        there, here = _sweep(OmegaConf.load(record)), _sweep(config)
+        if there != here:
+            only = lambda a, b: " ".join(o for o in a if o not in b) or "nothing"  # noqa: E731
+            # Hydra turns a callback's exception into a warning and goes on: this one ends the command.
+            print(f"syncbn.train: error: {sweep_dir} holds another sweep ({only(there, here)} there, "
+                  f"{only(here, there)} here): rerun that sweep to resume it, or pick another hydra.sweep.dir",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 @contextlib.contextmanager

@@ -304,3 +304,20 @@ def test_a_torch_file_that_is_not_a_checkpoint_is_refused_in_one_line_naming_wha
         checkpoint.load(tmp_path)
     assert str(refusal.value) == (f"{tmp_path / checkpoint.LATEST} is a torch file but not a syncbn checkpoint (a "
                                   f"{without}); move it away or pass train.resume=false")
+
+
+def _multirun(task: list[str], params: dict | None = None):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}})
+
+
+def test_a_sweep_is_its_overrides_and_sweeper_lists_less_what_may_change_on_resume():
+    sweep = checkpoint._sweep
+    base = sweep(_multirun(["model.weight_scale=0.1,0.05", "train.epochs=2"], {"norm": "syncbn,none"}))
+    assert base == ["model.weight_scale=0.1,0.05", "norm=syncbn,none"]
+    assert sweep(_multirun(["train.epochs=9", "+dist.timeout_s=5", "model.weight_scale=0.1,0.05"],
+                           {"norm": "syncbn,none"})) == base
+    assert sweep(_multirun(["model.weight_scale=0.1,0.05"], {"norm": "syncbn"})) != base
+    assert sweep(_multirun(["model.weight_scale=0.1,0.05", "seed=1"], {"norm": "syncbn,none"})) != base
+    assert sweep(_multirun(["model.weight_scale=0.1,0.05"])) == ["model.weight_scale=0.1,0.05"]

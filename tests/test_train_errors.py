@@ -233,3 +233,19 @@ def test_debug_shows_the_traceback_instead_of_one_line(monkeypatch, capsys, tmp_
     with pytest.raises(ConfigError, match="optim.lr must be > 0"):
         cli(monkeypatch, capsys, "--debug", "optim.lr=0", f"hydra.run.dir={tmp_path}")
     assert "--debug" not in sys.argv
+
+
+def test_a_sweep_directory_holds_one_sweep_and_a_rerun_of_it_continues_each_run(monkeypatch, capsys, tmp_path):
+    """Another sweep into it (other scales, another learning rate) is refused before Hydra rewrites
+    multirun.yaml; the same sweep with more epochs trains each of its runs on."""
+    common = ["-m", "data.train_size=100", "model.hidden=[20]", f"hydra.sweep.dir={tmp_path}"]
+    assert cli(monkeypatch, capsys, *common, "train.epochs=1", "model.weight_scale=0.1,0.05")[0] == 0
+    record = (tmp_path / "multirun.yaml").read_text()
+    for other, there, here in [(["model.weight_scale=0.5,0.05"], "model.weight_scale=0.1,0.05", "model.weight_scale=0.5,0.05"),
+                               (["model.weight_scale=0.1,0.05", "optim.lr=0.5"], "nothing", "optim.lr=0.5")]:
+        code, err = cli(monkeypatch, capsys, *common, "train.epochs=1", *other)
+        assert code == 1 and err.splitlines() == [f"syncbn.train: error: {tmp_path} holds another sweep ({there} there, "
+                                                  f"{here} here): rerun that sweep to resume it, or pick another hydra.sweep.dir"]
+        assert (tmp_path / "multirun.yaml").read_text() == record
+    assert cli(monkeypatch, capsys, *common, "train.epochs=2", "model.weight_scale=0.1,0.05")[0] == 0
+    assert [[r["epoch"] for r in read_metrics(tmp_path / job)] for job in ("0", "1")] == [[1, 2], [1, 2]]
