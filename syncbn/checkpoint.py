@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import io
 import os
 import random
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,12 +71,22 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save(run_dir: Path, state: dict) -> Path:
-    """Write ``state`` as the run's latest checkpoint, keeping the one before it."""
+    """Write ``state`` as the run's latest checkpoint, keeping the one before it. A write that fails
+    (a full disk, a file-size limit) names the file and takes its partial file away."""
     latest, temporary = run_dir / LATEST, run_dir / f".{LATEST}.tmp"
-    with temporary.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    # Serialized in memory first: torch.save's own writer reports a failed write without the OS's
+    # reason ("unexpected pos 704 vs 598"); a plain write says "No space left on device".
+    serialized = io.BytesIO()
+    torch.save(state, serialized)
+    try:
+        with temporary.open("wb") as f:
+            f.write(serialized.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the checkpoint {temporary} ({error.strerror or error}); the last "
+                              "complete one is kept") from error
     if latest.exists():
         os.replace(latest, run_dir / PREVIOUS)
     os.replace(temporary, latest)
@@ -82,22 +94,26 @@ def save(run_dir: Path, state: dict) -> Path:
     return latest
 
 
+def newest(run_dir: Path) -> Path | None:
+    """``checkpoint.pt``, or ``checkpoint.prev.pt`` where a save stopped between its two renames."""
+    return next((run_dir / name for name in (LATEST, PREVIOUS) if (run_dir / name).exists()), None)
+
+
 def load(run_dir: Path) -> dict | None:
-    """The newest complete checkpoint in ``run_dir``, or None if it has none."""
-    for name in (LATEST, PREVIOUS):
-        path = run_dir / name
-        if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise CheckpointError(f"{path} cannot be read ({reason}); move it away or pass train.resume=false") from error
-            missing = [part for part in PARTS if not isinstance(state, dict) or part not in state]
-            if missing:
-                raise CheckpointError(f"{path} is a torch file but not a syncbn checkpoint (a {type(state).__name__} "
-                                      f"without {', '.join(missing)}); move it away or pass train.resume=false")
-            return state
-    return None
+    """The newest complete checkpoint in ``run_dir`` (the file ``newest`` names), or None if it has none."""
+    path = newest(run_dir)
+    if path is None:
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path} cannot be read ({reason}); move it away or pass train.resume=false") from error
+    missing = [part for part in PARTS if not isinstance(state, dict) or part not in state]
+    if missing:
+        raise CheckpointError(f"{path} is a torch file but not a syncbn checkpoint (a {type(state).__name__} "
+                              f"without {', '.join(missing)}); move it away or pass train.resume=false")
+    return state
 
 
 def set_aside(run_dir: Path) -> Path | None:
@@ -217,6 +233,8 @@ class OneSweepPerDirectory(Callback):
     summary and figure never mix two sweeps and its record stays the one its runs were trained with."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not str(config.hydra.sweep.dir).strip():
+            _refuse("hydra.sweep.dir is empty: name a directory for the sweep, or leave the key out")
         sweep_dir = Path(config.hydra.sweep.dir)
         record = sweep_dir / "multirun.yaml"
         if not record.exists():
@@ -224,11 +242,14 @@ class OneSweepPerDirectory(Callback):
         there, here = _sweep(OmegaConf.load(record)), _sweep(config)
         if there != here:
             only = lambda a, b: " ".join(o for o in a if o not in b) or "nothing"  # noqa: E731
-            # Hydra turns a callback's exception into a warning and goes on: this one ends the command.
-            print(f"syncbn.train: error: {sweep_dir} holds another sweep ({only(there, here)} there, "
-                  f"{only(here, there)} here): rerun that sweep to resume it, or pick another hydra.sweep.dir",
-                  file=sys.stderr)
-            sys.exit(1)
+            _refuse(f"{sweep_dir} holds another sweep ({only(there, here)} there, {only(here, there)} here): rerun "
+                    "that sweep to resume it, or pick another hydra.sweep.dir")
+
+
+def _refuse(message: str) -> NoReturn:
+    """End the command from a Hydra callback, whose exceptions Hydra turns into warnings and goes on."""
+    print(f"syncbn.train: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 @contextlib.contextmanager

@@ -258,11 +258,13 @@ def stop_rank_server() -> None:
 
 def quiet_launcher() -> None:
     """The launcher's own warnings (each signal it forwards, each rank it stops) only repeat what
-    the app reports in one line; its errors still show. Ranks it stops mid-step leave semaphores
-    for multiprocessing's resource tracker to free, which it does, with a warning that says so."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):
+    the app reports in one line; its errors still show, but for the traceback it logs of a failed
+    rank (10 lines), which the app's line names with its cause. Ranks it stops mid-step leave
+    semaphores for multiprocessing's resource tracker to free, which it does, with a warning."""
+    for name in [*logging.root.manager.loggerDict, "torch.multiprocessing.spawn"]:
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
             logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     leaked = "ignore:resource_tracker:UserWarning"
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     if leaked not in filters:  # once, not once per run of a sweep

@@ -26,6 +26,8 @@ import contextlib
 import itertools
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
@@ -102,6 +104,15 @@ def nothing_to_resume(config: Config, world_size: int, run_dir: Path) -> str | N
     return checkpoint.nothing_left(state, config.train.epochs, run_dir)
 
 
+def output_dir(hydra_config) -> Path:
+    """The run's directory. An empty ``hydra.run.dir=`` is refused: Hydra would write the run into
+    the working directory, among whatever else is there."""
+    if not str(hydra_config.run.dir).strip():
+        raise ConfigError("hydra.run.dir is empty: name a directory for the run, or leave the key out "
+                          "(outputs/DATE/TIME)")
+    return Path(hydra_config.runtime.output_dir)
+
+
 @contextlib.contextmanager
 def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
     """A command refused before it takes its directory leaves nothing behind: Hydra has made the
@@ -112,7 +123,8 @@ def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
         yield
     except KNOWN_FAILURES:
         log_file = run_dir / "train.log"
-        if owns_run_dir() and [p.name for p in run_dir.iterdir()] == ["train.log"] and not log_file.stat().st_size:
+        alone = [p.name for p in run_dir.iterdir()] == ["train.log"] and not log_file.stat().st_size
+        if owns_run_dir() and alone and run_dir.absolute() != Path.cwd():
             log_file.unlink()
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
@@ -162,7 +174,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir = output_dir(HydraConfig.get())
         with nothing_left_if_refused(run_dir):
             config = to_config(cfg)
             layout = study.plan(config)
@@ -221,7 +233,17 @@ def how_to_resume(run_dir: Path) -> str:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(override.startswith(f"{key}=") for override in hydra_config.overrides.hydra):
         return f"run the same command to resume from {run_dir}"
-    return f"run the same command with {key}={hydra_config.sweep.dir if multirun else run_dir} to resume"
+    return f"run the same command with {override_for(key, hydra_config.sweep.dir if multirun else run_dir)} to resume"
+
+
+def override_for(key: str, path: Path | str) -> str:
+    """``key=path`` as one shell word that Hydra reads back as ``path``: quoted for Hydra where the
+    path holds anything but plain characters (a space, quotes, ``=``...), then for the shell."""
+    value = str(path)
+    if not re.fullmatch(r"[\w./:@+-]+", value):
+        # Inside Hydra's quotes a backslash escapes only a quote, or the backslashes before one.
+        value = "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
+    return shlex.quote(f"{key}={value}")
 
 
 def where_training_stopped(run_dir: Path | None, resume: str) -> str:

@@ -126,7 +126,7 @@ def weights_digest(model: nn.Module) -> int:
 
 
 def fault_step(fault: FaultConfig, rank: int) -> int | None:
-    """The global step after which this rank is to SIGKILL itself: only on the first attempt."""
+    """The global step after which this rank is to SIGKILL itself: only on the launcher's first attempt."""
     first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
     return fault.kill_at_step if first_attempt and fault.kill_rank == rank else None
 
@@ -203,11 +203,13 @@ class Training:
         self.batches = data.RankBatches(len(self.train_set), config.train.global_batch_size, ctx.world_size,
                                         ctx.rank, config.seed)
         self.signature = checkpoint.signature(config, ctx.world_size, self.model.module)
-        self.kill_at_step = fault_step(config.fault, ctx.rank)
         self.progress = Progress()
         if run_dir is not None and config.train.resume:
             self._resume()
         self._check_ranks_agree()
+        # Resumed, a run has been through its fault already: the same command, fault keys and all,
+        # continues instead of killing the same rank at the same step again.
+        self.kill_at_step = fault_step(config.fault, ctx.rank) if self.progress.global_step == 0 else None
         self.frozen = FrozenMembers(self.model.module, self.progress.diverged, len(self.members))
         self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
 
@@ -221,7 +223,7 @@ class Training:
         self.progress = Progress(**state["progress"])
         checkpoint.restore_rng_states(state["rng"])
         if self.ctx.is_main:
-            log.info("resumed from %s: epoch %d, step %d", self.run_dir / checkpoint.LATEST, self.progress.epoch, self.progress.step)
+            log.info("resumed from %s: epoch %d, step %d", checkpoint.newest(self.run_dir), self.progress.epoch, self.progress.step)
 
     def _check_ranks_agree(self) -> None:
         """Every rank must start where the others do. A run directory that each node reads on its

@@ -65,9 +65,10 @@ def test_without_restarts_a_killed_rank_ends_the_launch_with_one_line(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
-    ours = [line for line in result.stderr.splitlines() if line.startswith("syncbn.train: error:")]
-    assert ours == ["syncbn.train: error: rank 1 failed (signal SIGKILL): Signal 9 (SIGKILL) received by PID "
-                    + ours[0].rsplit(" ", 1)[-1]], result.stderr
+    fault, ours = result.stderr.splitlines()  # the fault's own notice, then the launch's one line
+    assert fault == "fault injection: killing rank 1 after step 3", result.stderr
+    assert ours == "syncbn.train: error: rank 1 failed (signal SIGKILL): Signal 9 (SIGKILL) received by PID " + \
+        ours.rsplit(" ", 1)[-1], result.stderr
     assert time.monotonic() - started < 60
 
 

@@ -249,3 +249,26 @@ def test_a_sweep_directory_holds_one_sweep_and_a_rerun_of_it_continues_each_run(
         assert (tmp_path / "multirun.yaml").read_text() == record
     assert cli(monkeypatch, capsys, *common, "train.epochs=2", "model.weight_scale=0.1,0.05")[0] == 0
     assert [[r["epoch"] for r in read_metrics(tmp_path / job)] for job in ("0", "1")] == [[1, 2], [1, 2]]
+
+
+@pytest.mark.parametrize("path", ["/runs/plain-1.0", "/my runs/a b", "/it's/here", '/say "x"/y', "/a=b,c/[d]", "/back\\slash",
+                                  "/ends in\\", "/x\\'y z"])
+def test_the_resume_hint_is_one_shell_word_that_hydra_reads_back_as_the_path(path):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    word = train.override_for("hydra.run.dir", path)
+    [override] = shlex.split(word)
+    assert OverridesParser.create().parse_override(override).value() == path
+
+
+def test_an_empty_run_or_sweep_directory_is_refused_instead_of_writing_into_the_working_one(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(monkeypatch, capsys, "hydra.run.dir=", "train.epochs=1")
+    assert code == 1 and err.splitlines() == ["syncbn.train: error: hydra.run.dir is empty: name a directory for the "
+                                              "run, or leave the key out (outputs/DATE/TIME)"]
+    code, err = cli(monkeypatch, capsys, "-m", "hydra.sweep.dir=", "train.epochs=1")
+    assert code == 1 and err.splitlines() == ["syncbn.train: error: hydra.sweep.dir is empty: name a directory for the "
+                                              "sweep, or leave the key out"]
+    assert {p.name for p in tmp_path.iterdir()} <= {"train.log"}, "no run, no multirun.yaml, in the working directory"

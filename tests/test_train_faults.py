@@ -5,6 +5,7 @@ checkpoints deleted under their metrics."""
 from __future__ import annotations
 
 import fcntl
+import resource
 import signal
 import subprocess
 import sys
@@ -118,3 +119,30 @@ def test_metrics_whose_checkpoints_are_gone_are_not_restarted_over_but_moved_asi
     run(one_process(tmp_path, "train.epochs=1", "train.resume=false"))
     [replaced] = (tmp_path / REPLACED).iterdir()
     assert read_metrics(replaced) == finished and strip(read_metrics(tmp_path)) == strip(finished)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_checkpoint(tmp_path):
+    """Every write past 30 kB fails (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) in a 2-rank run:
+    one line naming the checkpoint file and the OS's reason, exit 1, no temporary file left."""
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run(app(tmp_path, "train.epochs=1"), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            preexec_fn=small_files)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"syncbn.train: error: rank 0 failed (exit code 1): CheckpointError: cannot write the checkpoint "
+        f"{tmp_path / '.checkpoint.pt.tmp'} (File too large); the last complete one is kept"]
+    assert not (tmp_path / ".checkpoint.pt.tmp").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_command_of_a_faulted_run_resumes_it_and_says_which_checkpoint_it_read(tmp_path):
+    """The same command, fault keys and all, continues instead of killing the same rank at the same
+    step again; from ``checkpoint.prev.pt`` (a save stopped between its renames) it names that file."""
+    command = [sys.executable, "-m", "syncbn.train", *SMALL, "train.epochs=3", "fault.kill_rank=0",
+               "fault.kill_at_step=3", f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run(command, cwd=ROOT, capture_output=True, timeout=120).returncode == -signal.SIGKILL
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "checkpoint.prev.pt")
+    run(command)
+    assert f"resumed from {tmp_path / 'checkpoint.prev.pt'}: epoch 2, step 0" in (tmp_path / "train.log").read_text()
+    assert [record["epoch"] for record in read_metrics(tmp_path)] == [1, 2, 3]
