@@ -13,6 +13,7 @@
     python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size
     python -m syncbn.train train.compile=true dist.nproc=2    # torch.compile the network, then DDP
     python -m syncbn.train --debug ...                        # tracebacks instead of one-line errors
+    python -m syncbn.train --check ...                        # check the command, start nothing (exit 0 or 1)
 
 Ctrl-C (or SIGTERM) stops every rank and prints where to resume, exit status 130 (143).
 
@@ -122,17 +123,24 @@ def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except KNOWN_FAILURES:
-        log_file = run_dir / "train.log"
-        alone = [p.name for p in run_dir.iterdir()] == ["train.log"] and not log_file.stat().st_size
-        if owns_run_dir() and alone and run_dir.absolute() != Path.cwd():
-            log_file.unlink()
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
-                for directory in run_dir.absolute().parents:
-                    if Path.cwd() not in directory.parents or any(directory.iterdir()):
-                        break
-                    directory.rmdir()
+        remove_if_untouched(run_dir)
         raise
+
+
+def remove_if_untouched(run_dir: Path) -> None:
+    """Remove ``run_dir`` if it holds nothing but Hydra's empty ``train.log`` (see above)."""
+    log_file = run_dir / "train.log"
+    if not (owns_run_dir() and run_dir.is_dir() and run_dir.absolute() != Path.cwd()):
+        return
+    if [p.name for p in run_dir.iterdir()] != ["train.log"] or log_file.stat().st_size:
+        return
+    log_file.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+        for directory in run_dir.absolute().parents:
+            if Path.cwd() not in directory.parents or any(directory.iterdir()):
+                break
+            directory.rmdir()
 
 
 def owns_run_dir() -> bool:
@@ -182,6 +190,10 @@ def main(cfg: DictConfig) -> None:
                 config = layout.apply(config)
             world_size = distributed.planned_world_size(config.dist)
             preflight(config, world_size)
+            if os.environ.get("SYNCBN_CHECK_ONLY") == "1":
+                nothing_to_resume(config, world_size, run_dir)
+                remove_if_untouched(run_dir)
+                return
         with checkpoint.claim(run_dir) if owns_run_dir() else contextlib.nullcontext():
             nothing_to_train = nothing_to_resume(config, world_size, run_dir)
             if nothing_to_train:
@@ -305,10 +317,11 @@ def one_line_errors() -> Iterator[None]:
 
 
 def cli() -> None:
-    """``python -m syncbn.train [--debug] [overrides]``."""
-    if "--debug" in sys.argv:
-        sys.argv.remove("--debug")
-        os.environ["SYNCBN_DEBUG"] = "1"
+    """``python -m syncbn.train [--debug] [--check] [overrides]``."""
+    for flag, variable in (("--debug", "SYNCBN_DEBUG"), ("--check", "SYNCBN_CHECK_ONLY")):
+        if flag in sys.argv:
+            sys.argv.remove(flag)
+            os.environ[variable] = "1"
     if distributed.launched():
         ranks_die_on_interrupt()
     else:
