@@ -85,7 +85,7 @@ MUTATIONS = [
     Mutation("fault-fires-on-every-attempt", "syncbn/trainer.py",
              "return fault.kill_at_step if first_attempt and fault.kill_rank == rank else None",
              "return fault.kill_at_step if fault.kill_rank == rank else None",
-             (train("test_a_killed_rank_is_restarted_and_the_run_resumes_bit_exactly"),)),
+             (faults("test_a_rank_killed_before_the_first_checkpoint_is_restarted_once_and_the_run_finishes"),)),
     Mutation("metrics-written-by-every-rank", "syncbn/trainer.py",
              'self.path = run_dir / "metrics.jsonl" if run_dir is not None and ctx.is_main else None',
              'self.path = run_dir / "metrics.jsonl" if run_dir is not None else None',

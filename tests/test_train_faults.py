@@ -179,3 +179,10 @@ def test_check_starts_nothing_and_leaves_nothing_for_a_good_command_and_refuses_
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "was trained with other settings: optim.lr=0.01 there, 0.5 here" in result.stderr
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == before
+
+
+def test_a_rank_killed_before_the_first_checkpoint_is_restarted_once_and_the_run_finishes(tmp_path):
+    """The restarted ranks start from scratch (nothing to resume): the fault, for the launcher's
+    first attempt only, does not fire again, so one restart is enough."""
+    run(app(tmp_path, "train.epochs=2", "dist.max_restarts=1", "fault.kill_rank=1", "fault.kill_at_step=1"))
+    assert [record["epoch"] for record in read_metrics(tmp_path)] == [1, 2]
