@@ -17,9 +17,9 @@ import os
 import random
 import sys
 from collections.abc import Iterator
-from typing import NoReturn
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch

@@ -152,10 +152,6 @@ class RankBatches:
     def __init__(self, size: int, global_batch: int, world_size: int, rank: int, seed: int):
         self.size, self.global_batch, self.world_size, self.rank, self.seed = size, global_batch, world_size, rank, seed
 
-    def __len__(self) -> int:
-        """Steps per epoch, the same on every rank."""
-        return -(-self.size // self.global_batch)
-
     def global_size(self, step: int) -> int:
         """How many samples the whole group trains on at ``step`` of an epoch."""
         return min(self.global_batch, self.size - step * self.global_batch)

@@ -130,7 +130,7 @@ def nothing_left_if_refused(run_dir: Path) -> Iterator[None]:
 def remove_if_untouched(run_dir: Path) -> None:
     """Remove ``run_dir`` if it holds nothing but Hydra's empty ``train.log`` (see above)."""
     log_file = run_dir / "train.log"
-    if not (owns_run_dir() and run_dir.is_dir() and run_dir.absolute() != Path.cwd()):
+    if not owns_run_dir() or run_dir.absolute() == Path.cwd():
         return
     if [p.name for p in run_dir.iterdir()] != ["train.log"] or log_file.stat().st_size:
         return

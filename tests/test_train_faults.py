@@ -69,7 +69,6 @@ def test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_dir
 
 def test_a_run_is_refused_while_a_rank_of_an_earlier_one_still_writes_its_directory(tmp_path):
     """A rank from before (here: this test process) holding the rank lock: one line, exit 1."""
-    tmp_path.mkdir(exist_ok=True)
     with open(tmp_path / RANK_LOCK, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         lock.write("pid 4242\n")
