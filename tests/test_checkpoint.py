@@ -321,3 +321,21 @@ def test_a_sweep_is_its_overrides_and_sweeper_lists_less_what_may_change_on_resu
     assert sweep(_multirun(["model.weight_scale=0.1,0.05"], {"norm": "syncbn"})) != base
     assert sweep(_multirun(["model.weight_scale=0.1,0.05", "seed=1"], {"norm": "syncbn,none"})) != base
     assert sweep(_multirun(["model.weight_scale=0.1,0.05"])) == ["model.weight_scale=0.1,0.05"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_the_last_one_and_no_partial_file(tmp_path):
+    """RLIMIT_FSIZE makes a large write fail (EFBIG, as a full disk gives ENOSPC); Python ignores SIGXFSZ."""
+    import resource
+
+    checkpoint.save(tmp_path, _parts(1))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(CheckpointError) as refusal:
+            checkpoint.save(tmp_path, _parts(2) | {"model": torch.zeros(50_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(refusal.value) == (f"cannot write the checkpoint {tmp_path / '.checkpoint.pt.tmp'} (File too large); "
+                                  "the last complete one is kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LATEST]
+    assert checkpoint.load(tmp_path) == _parts(1)

@@ -1,5 +1,9 @@
-"""Device and backend choice, checked before any process starts (the launching itself is tested
-end to end in test_train.py, and on Gloo groups everywhere)."""
+"""Device and backend choice, checked before any process starts, free memory, and a rank ending with
+its launcher (the launching itself is tested end to end in test_train.py, and on Gloo groups everywhere)."""
+
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +68,27 @@ def test_available_memory_is_linuxs_mem_available_and_none_where_unknown(monkeyp
     assert distributed.available_memory() is None
     (tmp_path / "no-meminfo").write_text("MemTotal: 1 kB\n")
     assert distributed.available_memory() is None
+
+
+def _dies_with(pid: int) -> subprocess.Popen:
+    """A process that calls ``die_with(pid)``, says so, then waits a minute."""
+    code = f"import sys, time; from syncbn.distributed import die_with; die_with({pid}); print('watching', flush=True); time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.processes
+def test_a_process_ends_the_moment_the_one_it_dies_with_ends():
+    launcher = subprocess.Popen(["sleep", "60"])
+    rank = _dies_with(launcher.pid)
+    assert rank.stdout.readline() == "watching\n"
+    launcher.kill()
+    launcher.wait()
+    assert rank.wait(timeout=10) == -signal.SIGKILL
+
+
+@pytest.mark.processes
+def test_a_process_whose_launcher_is_already_gone_ends_at_once():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    rank = _dies_with(gone.pid)
+    assert rank.wait(timeout=30) == -signal.SIGKILL and rank.stdout.read() == ""

@@ -49,9 +49,14 @@ SINGLE = [(f"{key}={value}",) for key, hint in KEYS for value in bad_values(key,
 PAIRS = [(f"{a}={bad_values(a, ha)[0]}", f"{b}={bad_values(b, hb)[-1]}") for (a, ha), (b, hb) in itertools.pairwise(KEYS)]
 
 
-def test_the_battery_covers_every_key_of_the_schema_and_is_large():
-    assert {key for key, _ in KEYS} | FREE_TEXT == {key for key, _ in schema_keys()}
-    assert CHOICES <= {key for key, _ in KEYS} and len(SINGLE) + len(PAIRS) >= 150
+def test_the_battery_knows_every_type_in_the_schema_and_is_large():
+    """A key of a type ``bad_values`` has no bad values for, or a text key that is neither a choice
+    nor free text (whose "bogus" might be a good value), must be taught to the battery first."""
+    for key, hint in schema_keys():
+        kinds = {typing.get_origin(kind) or kind for kind in typing.get_args(hint) or [hint]}
+        assert kinds <= {int, float, str, bool, list, type(None)}, f"{key}: no bad values known for {hint}"
+        assert str not in kinds or key in CHOICES | FREE_TEXT, f"{key}: a choice or free text?"
+    assert len(SINGLE) + len(PAIRS) >= 150
 
 
 def named(override: str, err: str) -> bool:
@@ -96,3 +101,18 @@ def test_a_refused_command_keeps_a_log_that_holds_something(monkeypatch, capsys,
     (tmp_path / "train.log").write_text("an earlier command's line\n")
     assert cli(monkeypatch, capsys, "optim.lr=inf", f"hydra.run.dir={tmp_path}")[0] == 1
     assert (tmp_path / "train.log").read_text().startswith("an earlier command's line\n")
+
+
+def test_a_refused_command_run_in_its_own_directory_keeps_it(monkeypatch, capsys, tmp_path):
+    """``hydra.run.dir=.``: the working directory is never removed, nor Hydra's log in it."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(monkeypatch, capsys, "hydra.run.dir=.", "optim.lr=inf")[0] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["train.log"]
+
+
+def test_a_rank_other_than_0_removes_nothing_of_the_directory_it_shares(monkeypatch, capsys, tmp_path):
+    """Under torchrun every rank runs the app in one directory; Hydra's log there is rank 0's."""
+    (tmp_path / "train.log").touch()
+    monkeypatch.setenv("RANK", "1")
+    assert cli(monkeypatch, capsys, "optim.lr=inf", f"hydra.run.dir={tmp_path}")[0] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["train.log"]
