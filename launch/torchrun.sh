@@ -17,8 +17,9 @@ done
 [[ $# -gt 0 ]] && shift
 run_dir="${SYNCBN_RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S-%6N)}"
 # Checked once here, as rank 0 of the world torchrun will start sees it: bad input is one line and
-# starts nothing, not a line per rank and torchrun's failure report. (An elastic --nnodes=MIN:MAX
-# is checked at MAX; --nproc-per-node=gpu or auto, whose count torchrun decides, is not checked.)
+# starts nothing, not a line per rank and torchrun's failure report. One node only: the nodes of a
+# multi-node job would each check, and make and remove, the directory they share at once. Nor is
+# --nproc-per-node=gpu or auto checked, whose count torchrun decides.
 nproc=1 nnodes=1
 for ((i = 0; i < ${#torchrun_args[@]}; i++)); do
   case "${torchrun_args[i]}" in
@@ -28,9 +29,8 @@ for ((i = 0; i < ${#torchrun_args[@]}; i++)); do
     --nnodes) nnodes="${torchrun_args[i + 1]:-}" ;;
   esac
 done
-nnodes="${nnodes##*:}"
-if [[ "$nproc" =~ ^[0-9]+$ && "$nnodes" =~ ^[0-9]+$ ]]; then
-  RANK=0 WORLD_SIZE=$((nproc * nnodes)) LOCAL_WORLD_SIZE="$nproc" MASTER_ADDR=localhost MASTER_PORT=0 \
+if [[ "$nproc" =~ ^[0-9]+$ && "$nnodes" == 1 ]]; then
+  RANK=0 WORLD_SIZE="$nproc" LOCAL_WORLD_SIZE="$nproc" MASTER_ADDR=localhost MASTER_PORT=0 \
     python -m syncbn.train --check "hydra.run.dir=$run_dir" "hydra.sweep.dir=$run_dir" "$@"
 fi
 exec torchrun "${torchrun_args[@]}" -m syncbn.train "hydra.run.dir=$run_dir" "hydra.sweep.dir=$run_dir" "$@"

@@ -152,7 +152,7 @@ def test_the_command_of_a_faulted_run_resumes_it_and_says_which_checkpoint_it_re
 @pytest.mark.parametrize("torchrun,overrides,message", [
     (["--nproc-per-node=2"], ["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
     (["--nproc-per-node", "3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
-    (["--nnodes=1:3", "--nproc_per_node=1"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
+    (["--nnodes=1", "--nproc_per_node=3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
 ])
 def test_bad_input_under_torchrun_is_one_line_and_starts_no_rank(tmp_path, torchrun, overrides, message):
     """launch/torchrun.sh checks the command once (``--check``), at the world size torchrun will
