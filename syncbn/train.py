@@ -33,6 +33,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,7 +42,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
 
 from syncbn import checkpoint, data, distributed, models, plot, study, trainer
 from syncbn.checkpoint import CheckpointError
@@ -221,7 +222,7 @@ def ranks_die_on_interrupt() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _raise_on_sigterm(signum: int, frame) -> None:
+def raise_on_sigterm(signum: int, frame) -> None:
     raise SignalException(f"Process {os.getpid()} got signal: {signal.Signals(signum)}", sigval=signal.Signals(signum))
 
 
@@ -249,13 +250,18 @@ def how_to_resume(run_dir: Path) -> str:
 
 
 def override_for(key: str, path: Path | str) -> str:
-    """``key=path`` as one shell word that Hydra reads back as ``path``: quoted for Hydra where the
-    path holds anything but plain characters (a space, quotes, ``=``...), then for the shell."""
+    """``key=path`` as one shell word that Hydra reads back as ``path``."""
+    return shlex.quote(hydra_override(key, path))
+
+
+def hydra_override(key: str, path: Path | str) -> str:
+    """``key=path`` as Hydra reads it back as ``path``: quoted where the path holds anything but
+    plain characters (a space, quotes, ``=``...)."""
     value = str(path)
     if not re.fullmatch(r"[\w./:@+-]+", value):
         # Inside Hydra's quotes a backslash escapes only a quote, or the backslashes before one.
         value = "'" + re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'") + "'"
-    return shlex.quote(f"{key}={value}")
+    return f"{key}={value}"
 
 
 def where_training_stopped(run_dir: Path | None, resume: str) -> str:
@@ -309,11 +315,25 @@ def one_line_errors() -> Iterator[None]:
     It exits from inside the Hydra job too, so that Hydra adds no lines of its own."""
     try:
         yield
-    except KNOWN_FAILURES as error:
+    except Exception as error:
         if os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            report_to_the_launcher(error)
+        if not isinstance(error, KNOWN_FAILURES):
             raise
         print(f"syncbn.train: error: {describe(error)}", file=sys.stderr)
         sys.exit(1)
+
+
+def report_to_the_launcher(error: Exception) -> NoReturn:
+    """A torchrun rank's failure goes to the error file torchrun reads, unprinted: ``syncbn.torchrun``
+    names the first rank to fail with its cause, in one line. Each rank printing its own would
+    repeat it, and a rank that fails only because a peer died (its collective's connection reset)
+    would print a traceback of that second failure."""
+    ErrorHandler().record_exception(error)
+    distributed.leave_after_the_launcher_looks()
+    distributed.exit_now(1)
 
 
 def cli() -> None:
@@ -325,7 +345,7 @@ def cli() -> None:
     if distributed.launched():
         ranks_die_on_interrupt()
     else:
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        signal.signal(signal.SIGTERM, raise_on_sigterm)
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
         sys.argv += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

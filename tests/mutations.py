@@ -39,6 +39,10 @@ def train(name: str) -> str:
     return f"tests/test_train.py::{name}"
 
 
+def torchrun(name: str) -> str:
+    return f"tests/test_torchrun.py::{name}"
+
+
 def errors(name: str) -> str:
     return f"tests/test_train_errors.py::{name}"
 
@@ -102,6 +106,15 @@ MUTATIONS = [
     Mutation("every-torchrun-rank-owns-the-directory", "syncbn/train.py",
              'return int(os.environ.get("RANK", 0)) == 0', "return True",
              (train("test_torchrun_restarts_a_killed_rank_and_resumes_bit_exactly"),)),
+    Mutation("torchrun-ranks-print-their-own-failure", "syncbn/train.py",
+             'if "TORCHELASTIC_ERROR_FILE" in os.environ:', "if False:",
+             (torchrun("test_a_killed_rank_is_one_line_naming_it_and_not_the_peer_that_failed_after_it"),
+              torchrun("test_a_rank_error_is_one_line_with_its_cause_naming_the_file_and_leaves_no_partial_checkpoint"))),
+    Mutation("torchrun-starts-unchecked", "syncbn/torchrun.py", "if world_size is not None and (status",
+             "if False and (status", (torchrun("test_bad_input_is_one_line_and_starts_no_rank"),)),
+    Mutation("torchrun-killed-by-an-early-sigterm", "syncbn/torchrun.py",
+             "signal.signal(signal.SIGTERM, train.raise_on_sigterm)", "pass",
+             (torchrun("test_sigterm_while_the_command_is_checked_is_one_line_exit_143_and_leaves_nothing"),)),
     Mutation("ranks-outlive-their-launcher", "syncbn/distributed.py", "    die_with(launcher)\n", "    pass\n",
              (faults("test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_directory"),)),
     Mutation("writing-rank-holds-no-lock", "syncbn/train.py",

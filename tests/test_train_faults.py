@@ -5,7 +5,6 @@ checkpoints deleted under their metrics."""
 from __future__ import annotations
 
 import fcntl
-import os
 import resource
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from app import ROOT, live_processes, read_metrics, run, strip
 from omegaconf import OmegaConf
@@ -147,24 +145,6 @@ def test_the_command_of_a_faulted_run_resumes_it_and_says_which_checkpoint_it_re
     run(command)
     assert f"resumed from {tmp_path / 'checkpoint.prev.pt'}: epoch 2, step 0" in (tmp_path / "train.log").read_text()
     assert [record["epoch"] for record in read_metrics(tmp_path)] == [1, 2, 3]
-
-
-@pytest.mark.parametrize("torchrun,overrides,message", [
-    (["--nproc-per-node=2"], ["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
-    (["--nproc-per-node", "3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
-    (["--nnodes=1", "--nproc_per_node=3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
-])
-def test_bad_input_under_torchrun_is_one_line_and_starts_no_rank(tmp_path, torchrun, overrides, message):
-    """launch/torchrun.sh checks the command once (``--check``), at the world size torchrun will
-    start, before torchrun starts a rank each: not a line per rank and torchrun's failure report."""
-    run_dir = tmp_path / "run"
-    result = subprocess.run(["bash", "launch/torchrun.sh", "--standalone", *torchrun, "--", *overrides],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "SYNCBN_RUN_DIR": str(run_dir),
-                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"syncbn.train: error: {message}"]
-    assert not run_dir.exists()
 
 
 def test_check_starts_nothing_and_leaves_nothing_for_a_good_command_and_refuses_a_bad_resume(tmp_path):

@@ -1,0 +1,88 @@
+"""torchrun for ``syncbn.train``, reporting as the CPU simulation does: one line, not a box.
+
+    python -m syncbn.torchrun --standalone --nproc-per-node=4 -- norm=syncbn train.epochs=5
+    SYNCBN_RUN_DIR=outputs/exp1 python -m syncbn.torchrun --standalone --nproc-per-node=2
+
+(``launch/torchrun.sh`` and ``launch/multinode.sh`` run it.) Flags before ``--`` go to torchrun,
+the rest are Hydra overrides. torchrun starts every rank with the same command and each rank runs
+the Hydra app: left alone, each would stamp its own ``outputs/DATE/TIME``. The directory is chosen
+here, once, and handed to every rank (only rank 0 writes into it).
+
+What torchrun itself would print is replaced by the app's lines: bad input is checked once before
+any rank starts; a failed rank is named with its cause (ranks hand their errors to torchrun through
+its error file instead of printing them); SIGINT/SIGTERM stop every rank and end in one line that
+says where training stopped and how to resume, exit 130/143.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from torch.distributed import run as torchrun
+
+from syncbn import distributed, train
+
+
+def split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """torchrun's flags and the Hydra overrides, on either side of the first ``--``."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def run_dir_of(environ: dict[str, str]) -> tuple[Path, str]:
+    """The run directory, and how to resume the run in it."""
+    if environ.get("SYNCBN_RUN_DIR"):
+        run_dir = Path(environ["SYNCBN_RUN_DIR"])
+        return run_dir, f"run the same command to resume from {run_dir}"
+    run_dir = Path("outputs", datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
+    return run_dir, f"run the same command with SYNCBN_RUN_DIR={shlex.quote(str(run_dir))} to resume"
+
+
+def one_node_world_size(args) -> int | None:
+    """The world size torchrun will start, where one node decides it; else None (several nodes,
+    whose checks would each make and remove the directory they share at once, or a count that
+    torchrun decides: ``gpu``, ``auto``)."""
+    if args.nnodes not in ("1", "1:1") or not args.nproc_per_node.isdigit():
+        return None
+    return int(args.nproc_per_node)
+
+
+def check(world_size: int, overrides: list[str]) -> int:
+    """``python -m syncbn.train --check`` as rank 0 of that world sees it: its exit status. An
+    interrupt meanwhile waits for the check to end (seconds), which removes the directory it made."""
+    environ = {**os.environ, "RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "localhost", "MASTER_PORT": "0"}
+    checking = subprocess.Popen([sys.executable, "-m", "syncbn.train", "--check", *overrides], env=environ)
+    try:
+        return checking.wait()
+    finally:
+        checking.wait()
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGTERM, train.raise_on_sigterm)  # torchrun's own handler comes with the ranks
+    launcher_args, overrides = split(argv)
+    run_dir, resume = run_dir_of(dict(os.environ))
+    overrides = [train.hydra_override("hydra.run.dir", run_dir), train.hydra_override("hydra.sweep.dir", run_dir),
+                 *overrides]
+    with train.interrupts_in_one_line(run_dir, resume), train.one_line_errors():
+        args = torchrun.parse_args([*launcher_args, "-m", "syncbn.train", *overrides])
+        world_size = one_node_world_size(args)
+        if world_size is not None and (status := check(world_size, overrides)):
+            sys.exit(status)
+        distributed.quiet_launcher()
+        logging.getLogger(torchrun.__name__).setLevel(logging.ERROR)  # its OMP_NUM_THREADS notice
+        torchrun.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,147 @@
+"""``python -m syncbn.torchrun`` (``launch/torchrun.sh``): torchrun with the app's one-line reports,
+as a user meets them: bad input, a killed rank, a rank's own error, SIGTERM to torchrun."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from app import ROOT, read_metrics, run
+from torch.distributed import run as torch_run
+
+from syncbn import torchrun
+
+SMALL = ["data.train_size=200", "model.hidden=[20]", "train.checkpoint_every_steps=2"]  # 2 steps an epoch
+ENV = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def launch(run_dir: Path, *overrides: str, torchrun_args=("--nproc-per-node=2",)) -> list[str]:
+    return ["bash", "launch/torchrun.sh", "--standalone", *torchrun_args, "--", *SMALL, *overrides]
+
+
+def attempt(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    """The command, which may fail, with its run directory pinned."""
+    return subprocess.run(launch(run_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **ENV, "SYNCBN_RUN_DIR": str(run_dir)}, **kwargs)
+
+
+def test_split_cuts_at_the_first_double_dash_only():
+    assert torchrun.split(["--standalone", "--", "a=1", "--", "b"]) == (["--standalone"], ["a=1", "--", "b"])
+    assert torchrun.split(["--standalone"]) == (["--standalone"], [])
+    assert torchrun.split(["--", "a=1"]) == ([], ["a=1"])
+
+
+def test_the_run_directory_is_the_pinned_one_or_a_fresh_clock_one_with_its_resume_hint():
+    assert torchrun.run_dir_of({"SYNCBN_RUN_DIR": "out/a b"}) == (
+        Path("out/a b"), "run the same command to resume from out/a b")
+    first, hint = torchrun.run_dir_of({})
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", str(first))
+    assert hint == f"run the same command with SYNCBN_RUN_DIR={first} to resume"
+    assert torchrun.run_dir_of({"SYNCBN_RUN_DIR": ""})[0].parts[0] == "outputs", "empty is unset, not the cwd"
+    time.sleep(1e-3)
+    assert torchrun.run_dir_of({})[0] != first, "two launches in one second get two directories"
+
+
+@pytest.mark.parametrize("flags,world_size", [
+    (["--nproc-per-node=3"], 3), (["--nproc_per_node", "2"], 2), (["--nnodes=1:1", "--nproc-per-node=4"], 4),
+    ([], 1), (["--nnodes=2", "--nproc-per-node=2"], None), (["--nnodes=1:2", "--nproc-per-node=2"], None),
+    (["--nproc-per-node=gpu"], None), (["--nproc-per-node=auto"], None),
+])
+def test_only_a_world_one_node_decides_is_checked_before_torchrun_starts(flags, world_size):
+    args = torch_run.parse_args([*flags, "-m", "syncbn.train"])
+    assert torchrun.one_node_world_size(args) == world_size
+
+
+@pytest.mark.parametrize("torchrun_args,overrides,message", [
+    (["--nproc-per-node=2"], ["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
+    (["--nproc-per-node", "3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
+    (["--nnodes=1", "--nproc_per_node=3"], [], "train.global_batch_size=100 is not divisible by the world size 3"),
+])
+def test_bad_input_is_one_line_and_starts_no_rank(tmp_path, torchrun_args, overrides, message):
+    """The command is checked once (``--check``), at the world size torchrun will start, before
+    torchrun starts a rank each: not a line per rank and torchrun's failure report."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(["bash", "launch/torchrun.sh", "--standalone", *torchrun_args, "--", *overrides],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **ENV, "SYNCBN_RUN_DIR": str(run_dir)})
+    assert (result.returncode, result.stderr.splitlines()) == (1, [f"syncbn.train: error: {message}"])
+    assert not run_dir.exists()
+
+
+def test_a_killed_rank_is_one_line_naming_it_and_not_the_peer_that_failed_after_it(tmp_path):
+    """Rank 1 SIGKILLed, no restarts: rank 0's collective then fails (connection reset), which
+    must not print its traceback; torchrun's failure box is replaced by the cause."""
+    result = attempt(tmp_path, "train.epochs=2", "fault.kill_rank=1", "fault.kill_at_step=1")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch(r"syncbn\.train: error: rank 1 failed \(signal SIGKILL\): "
+                        r"Signal 9 \(SIGKILL\) received by PID \d+", line)
+
+
+def test_a_rank_error_is_one_line_with_its_cause_naming_the_file_and_leaves_no_partial_checkpoint(tmp_path):
+    """Every write past 30 kB fails (RLIMIT_FSIZE, as a full disk) in every rank: rank 0's checkpoint
+    write fails; torchrun's reader gets its error, as the CPU simulation's launcher does."""
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = attempt(tmp_path, "train.epochs=1", preexec_fn=small_files)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        f"syncbn.train: error: rank 0 failed (exit code 1): CheckpointError: cannot write the checkpoint "
+        f"{tmp_path / '.checkpoint.pt.tmp'} (File too large); the last complete one is kept"])
+    assert not (tmp_path / ".checkpoint.pt.tmp").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_sigterm_to_torchrun_is_one_line_exit_143_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to the launcher (a scheduler's stop) after the first checkpoint: every rank stops, one
+    line says where and how to resume (the directory has a space: the hint must still work), exit
+    143; the same command then finishes the run with every epoch once."""
+    run_dir = tmp_path / "a run"
+    command = launch(run_dir, "train.epochs=60")
+    env = {**os.environ, **ENV, "SYNCBN_RUN_DIR": str(run_dir)}
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not (run_dir / "checkpoint.pt").exists() and launcher.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint in 90 s"
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # bash exec'd python: this is the launcher itself
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 143, stderr
+    [line] = stderr.splitlines()
+    assert re.fullmatch(rf"syncbn\.train: interrupted by SIGTERM at epoch \d+, step \d+ \(the last checkpoint\); "
+                        rf"run the same command to resume from {re.escape(str(run_dir))}", line)
+    stopped_at = len(read_metrics(run_dir))
+    assert stopped_at < 60
+    run(command, timeout=300, SYNCBN_RUN_DIR=str(run_dir))
+    assert [record["epoch"] for record in read_metrics(run_dir)] == list(range(1, 61))
+
+
+def children(pid: int) -> list[str]:
+    """The command lines of ``pid``'s child processes."""
+    ids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ") for child in ids]
+
+
+def test_sigterm_while_the_command_is_checked_is_one_line_exit_143_and_leaves_nothing(tmp_path):
+    """Before torchrun has started (and put in its own signal handling), SIGTERM still ends in the
+    app's line, and the check's directory is not left behind."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(launch(run_dir, "train.epochs=1"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, **ENV, "SYNCBN_RUN_DIR": str(run_dir)})
+    deadline = time.monotonic() + 60
+    while not any("--check" in child for child in children(launcher.pid)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the check never started"
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=60)
+    assert (launcher.returncode, stderr.splitlines()) == (143, [
+        f"syncbn.train: interrupted by SIGTERM before the first checkpoint; {run_dir} has nothing to resume"])
+    assert not run_dir.exists()
