@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from app import why_not_compiled
 
-from syncbn.bench import main
-from syncbn.bench_minimum import MinimumSyncBatchNorm
+from syncbn.bench.cli import main
+from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.distributed import count_collectives
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +20,7 @@ import torch.nn.functional as F
 from syncbn.config import ModelConfig, NormConfig
 from syncbn.data import load_mnist5k
 from syncbn.models import make_mlp
-
-if TYPE_CHECKING:
-    from syncbn.bench import Settings
+from syncbn.bench.settings import Settings
 
 
 def _sweep_scales(count: int) -> list[float]:

@@ -1,0 +1,3 @@
+from syncbn.bench.cli import main
+
+main()

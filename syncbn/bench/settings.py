@@ -1,0 +1,38 @@
+"""What a benchmark run measures: its cases' sizes and repeats (``--quick`` or each knob)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+LAYER_SHAPES = {
+    "(25,100)": ((25, 100), torch.contiguous_format),
+    "(100,100)": ((100, 100), torch.contiguous_format),
+    "(8,64,32,32)": ((8, 64, 32, 32), torch.contiguous_format),
+    "(8,64,32,32) channels_last": ((8, 64, 32, 32), torch.channels_last),
+}
+STEP_NORMS = ("syncbn", "bn", "none")
+
+
+@dataclass
+class Settings:
+    world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    shapes: list[str] = field(default_factory=lambda: list(LAYER_SHAPES))
+    warmup: int = 10
+    calls: int = 420
+    compile: bool = True
+    step_norms: list[str] = field(default_factory=lambda: list(STEP_NORMS))
+    startup_launches: int = 6
+    sweep_scales: int = 16
+    sweep_epochs: int = 20
+    sweep_repeats: int = 3
+    per_run_world_sizes: list[int] = field(default_factory=lambda: [2])
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, calls=25,
+                   step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
+                   sweep_repeats=1)
