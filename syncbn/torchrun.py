@@ -64,8 +64,9 @@ def check(world_size: int, overrides: list[str]) -> int:
     checking = subprocess.Popen([sys.executable, "-m", "syncbn.train", "--check", *overrides], env=environ)
     try:
         return checking.wait()
-    finally:
+    except BaseException:
         checking.wait()
+        raise
 
 
 def main(argv: list[str]) -> None:
