@@ -37,9 +37,21 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from syncbn.config import ConfigError, DistConfig
+from syncbn.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistConfig:
+    """``dist.*`` of the app's config (``conf/config.yaml`` says what each key does); the bench
+    builds one directly."""
+
+    nproc: int = 1
+    backend: str | None = None
+    device: str | None = None
+    timeout_s: float = 300.0
+    max_restarts: int = 0
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,14 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
 
-from syncbn import checkpoint, data, distributed, models, plot, study, trainer
-from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config, ConfigError, is_sweep, register, to_config, validate, validate_batches
-from syncbn.data import DataError
-from syncbn.models import build_network
-from syncbn.trainer import cannot_compile
+from syncbn import distributed
+from syncbn.errors import ConfigError
+from syncbn.experiments import batch_size, weight_scale
+from syncbn.training import checkpoint, data, loop, models
+from syncbn.training.checkpoint import CheckpointError
+from syncbn.training.config import Config, is_sweep, register, to_config, validate
+from syncbn.training.data import DataError
+from syncbn.training.resume import nothing_to_resume
 
 log = logging.getLogger("syncbn.train")
 register()
@@ -58,7 +60,7 @@ register()
 def run_rank(config: Config, run_dir: Path) -> list[dict]:
     """One rank of the run, inside its process group."""
     with distributed.process_group(config.dist) as ctx:
-        return trainer.fit(config, ctx, run_dir)
+        return loop.fit(config, ctx, run_dir)
 
 
 def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
@@ -82,28 +84,13 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
 
 
 def preflight(config: Config, world_size: int) -> None:
-    """Everything that can be checked before the run takes its directory: values, backend and
-    device, the model's size, the data and how it is dealt."""
+    """Everything that can be checked before the run takes its directory, each part checking what
+    it owns: the values, backend and device, the model's size, compiling, the data and its batches."""
     validate(config, world_size)
     distributed.check(config.dist)
     models.check(config, world_size, distributed.local_processes(world_size), distributed.available_memory())
-    problem = cannot_compile() if config.train.compile else None
-    if problem:
-        raise ConfigError(f"train.compile=true {problem}")
-    train_set, _ = data.load(config.data)
-    validate_batches(config, world_size, len(train_set))
-
-
-def nothing_to_resume(config: Config, world_size: int, run_dir: Path) -> str | None:
-    """Check the checkpoint this run would resume from; returns why there is nothing to train, if so."""
-    if not config.train.resume:
-        return None
-    state = checkpoint.load(run_dir)
-    if state is None:
-        checkpoint.require_checkpoint_for(run_dir)
-        return None
-    checkpoint.check_compatible(state, checkpoint.signature(config, world_size, build_network(config)), run_dir)
-    return checkpoint.nothing_left(state, config.train.epochs, run_dir)
+    loop.check(config.train)
+    data.check(config, world_size)
 
 
 def output_dir(hydra_config) -> Path:
@@ -186,7 +173,7 @@ def main(cfg: DictConfig) -> None:
         run_dir = output_dir(HydraConfig.get())
         with nothing_left_if_refused(run_dir):
             config = to_config(cfg)
-            layout = study.plan(config)
+            layout = batch_size.plan(config)
             if layout is not None:
                 config = layout.apply(config)
             world_size = distributed.planned_world_size(config.dist)
@@ -209,7 +196,7 @@ def main(cfg: DictConfig) -> None:
             with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
                 train(config, world_size, run_dir)
             if is_sweep(config) and owns_run_dir():
-                plot.summarize(run_dir)
+                weight_scale.summarize(run_dir)
 
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from syncbn.config import Config, register, to_config
+from syncbn.training.config import Config, register, to_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 def why_not_compiled() -> str | None:
-    """Why the compiled tests cannot run here: found without ``trainer.cannot_compile``, which they
+    """Why the compiled tests cannot run here: found without ``loop.cannot_compile``, which they
     also test (a skip computed by the code under test would hide that code's breakage)."""
     if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
         return "no C++ compiler for inductor on PATH"

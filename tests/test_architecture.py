@@ -11,6 +11,17 @@ from app import ROOT
 
 PACKAGE = ROOT / "syncbn"
 LAYER = {"syncbn", "syncbn.functional", "syncbn.batchnorm"}  # what a user imports into their own job
+# The floors, lowest first (docs/development.md draws them): a module imports from its own part or
+# from a floor below it, never up, never sideways. A new module must be given its place here.
+FLOORS = [
+    {"the layer": tuple(LAYER)},
+    {"errors": ("syncbn.errors",)},
+    {"distributed": ("syncbn.distributed",)},
+    {"training": ("syncbn.training",)},
+    {"experiments": ("syncbn.experiments",), "bench": ("syncbn.bench",)},
+    {"the Hydra app": ("syncbn.train",), "the old commands": ("syncbn.plot", "syncbn.study")},
+    {"the torchrun wrapper": ("syncbn.torchrun",)},
+]
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +71,42 @@ def test_the_cycle_finder_finds_a_cycle_and_only_a_cycle():
 @pytest.mark.parametrize("name", sorted(LAYER))
 def test_the_layer_imports_nothing_of_the_application(name):
     assert imports_of(MODULES[name]) <= LAYER
+
+
+def place(name: str, floors: list[dict] = FLOORS) -> tuple[int, str]:
+    """(floor, part) of a module: the part that names it or a package above it."""
+    for floor, parts in enumerate(floors):
+        for part, names in parts.items():
+            if any(name == n or (n != "syncbn" and name.startswith(n + ".")) for n in names):
+                return floor, part
+    raise LookupError(f"{name} has no place in FLOORS")
+
+
+def upward_or_sideways(name: str, floors: list[dict] = FLOORS) -> list[str]:
+    floor, part = place(name, floors)
+    return [imported for imported in sorted(imports_of(MODULES[name]))
+            if place(imported, floors)[1] != part and place(imported, floors)[0] >= floor]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_imports_only_its_own_part_and_the_floors_below(name):
+    assert upward_or_sideways(name) == []
+
+
+def test_the_floors_place_a_module_by_its_package_and_refuse_a_stranger():
+    floors = [{"low": ("syncbn",)}, {"pkg": ("syncbn.training",)}, {"top": ("syncbn.train",)}]
+    assert place("syncbn.training.loop", floors) == (1, "pkg")
+    assert place("syncbn.train", floors) == (2, "top"), "syncbn.train is not under syncbn.training"
+    with pytest.raises(LookupError):
+        place("syncbn.newcomer", floors)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_class_over_150_lines(name):
+    tree = ast.parse(MODULES[name].read_text())
+    long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 150}
+    assert long == {}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

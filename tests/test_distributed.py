@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from syncbn import distributed
-from syncbn.config import ConfigError, DistConfig
+from syncbn.distributed import DistConfig
+from syncbn.errors import ConfigError
 
 
 @pytest.mark.parametrize("device,backend,expected", [

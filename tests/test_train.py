@@ -16,8 +16,8 @@ import torch
 import stress_teardown
 from app import ROOT, cli, free_port, live_processes, read_metrics, run, strip
 
-from syncbn.plot import SUMMARY_COLUMNS
-from syncbn.plot import main as plot_main
+from syncbn.experiments.weight_scale import SUMMARY_COLUMNS
+from syncbn.experiments.weight_scale import main as plot_main
 
 METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
 

@@ -12,11 +12,12 @@ from app import cli, compose_config, read_metrics
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from syncbn import checkpoint, train, trainer
-from syncbn.checkpoint import CheckpointError
-from syncbn.config import ConfigError
-from syncbn.plot import main as plot_main
-from syncbn.study import main as study_main
+from syncbn import train
+from syncbn.training import checkpoint, loop
+from syncbn.training.checkpoint import CheckpointError
+from syncbn.training.config import ConfigError
+from syncbn.experiments.batch_size import main as study_main
+from syncbn.experiments.weight_scale import main as plot_main
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -101,7 +102,7 @@ def test_compiling_is_refused_without_a_compiler_or_with_a_cpu_level_set(monkeyp
         monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     else:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", level)
-    assert trainer.cannot_compile() == problem
+    assert loop.cannot_compile() == problem
 
 
 @pytest.mark.parametrize("cause,message", [
@@ -111,7 +112,7 @@ def test_compiling_is_refused_without_a_compiler_or_with_a_cpu_level_set(monkeyp
 ])
 def test_compile_where_inductor_cannot_build_is_one_line(monkeypatch, capsys, tmp_path, cause, message):
     if cause == "no C++ compiler":
-        monkeypatch.setattr(trainer.shutil, "which", lambda name: None)
+        monkeypatch.setattr(loop.shutil, "which", lambda name: None)
     else:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     code, err = cli(monkeypatch, capsys, "train.compile=true", f"hydra.run.dir={tmp_path}")

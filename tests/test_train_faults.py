@@ -16,7 +16,7 @@ import torch
 from app import ROOT, live_processes, read_metrics, run, strip
 from omegaconf import OmegaConf
 
-from syncbn.checkpoint import RANK_LOCK, REPLACED
+from syncbn.training.checkpoint import RANK_LOCK, REPLACED
 
 SMALL = ["data.train_size=200", "model.hidden=[20]", "train.checkpoint_every_steps=2"]  # 2 steps an epoch
 

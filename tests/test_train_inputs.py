@@ -10,7 +10,7 @@ from dataclasses import is_dataclass
 import pytest
 from app import cli, read_metrics
 
-from syncbn.config import SEEDS, Config
+from syncbn.training.config import SEEDS, Config
 
 CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device"}
 FREE_TEXT = {"data.root"}  # any path names a place for the data

@@ -17,9 +17,9 @@ from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.bench.settings import LAYER_SHAPES, Settings
 from syncbn.bench.timing import (bn_with_gathers, collectives_per_call, compile_fullgraph, first_calls, gather_floor,
                                  layer_pass, layer_payloads, reduce_floor, time_interleaved)
-from syncbn.config import DistConfig, ModelConfig, NormConfig
-from syncbn.models import make_mlp
-from syncbn.trainer import compile_quietly, wrap_ddp
+from syncbn.training.config import DistConfig, ModelConfig, NormConfig
+from syncbn.training.models import make_mlp
+from syncbn.training.loop import compile_quietly, wrap_ddp
 
 
 def bench_layer(name: str, settings: Settings, ctx: distributed.DistContext) -> dict:

@@ -17,7 +17,7 @@ from syncbn.bench.cases import bench_rank, bench_startup
 from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, Settings
 from syncbn.bench.sweep import bench_sweep, plain_sweep
 from syncbn.bench.tables import report
-from syncbn.trainer import cannot_compile
+from syncbn.training.loop import cannot_compile
 
 
 def machine() -> dict:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from syncbn.config import ModelConfig, NormConfig
-from syncbn.data import load_mnist5k
-from syncbn.models import make_mlp
+from syncbn.training.config import ModelConfig, NormConfig
+from syncbn.training.data import load_mnist5k
+from syncbn.training.models import make_mlp
 from syncbn.bench.settings import Settings
 
 

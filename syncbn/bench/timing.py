@@ -12,7 +12,7 @@ import torch.nn as nn
 from syncbn import distributed
 from syncbn.bench.settings import Settings
 from syncbn.functional import start_all_gather
-from syncbn.trainer import compile_quietly
+from syncbn.training.loop import compile_quietly
 
 
 def time_interleaved(contenders: dict[str, Callable[[], None]], settings: Settings, device: torch.device) -> dict:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from syncbn.distributed import DistConfig
+from syncbn.errors import ConfigError
+
 NORMS = ("syncbn", "bn", "none", "layernorm", "groupnorm")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "mnist")
@@ -69,15 +72,6 @@ class TrainConfig:
 
 
 @dataclass
-class DistConfig:
-    nproc: int = 1
-    backend: str | None = None
-    device: str | None = None
-    timeout_s: float = 300.0
-    max_restarts: int = 0
-
-
-@dataclass
 class FaultConfig:
     """Fault injection for tests and demos: SIGKILL rank ``kill_rank`` after global step
     ``kill_at_step``, on the first attempt only (TORCHELASTIC_RESTART_COUNT=0)."""
@@ -88,7 +82,7 @@ class FaultConfig:
 
 @dataclass
 class StudyConfig:
-    """The batch-size study (``+experiment=batch_size_study``, see ``syncbn/study.py``): a
+    """The batch-size study (``+experiment=batch_size_study``, see ``syncbn/experiments/batch_size.py``): a
     per-device batch becomes a data-parallel world size, run as real ranks up to
     ``max_real_ranks`` and emulated in one process beyond."""
 
@@ -148,10 +142,6 @@ def register() -> None:
     """Put the schema in Hydra's ConfigStore; ``conf/config.yaml`` names it first in its defaults,
     so every group's node is typed by the dataclass of its field (``norm: NormConfig``...)."""
     ConfigStore.instance().store(name="schema", node=Config)
-
-
-class ConfigError(ValueError):
-    """A configuration value that has the right type but cannot work."""
 
 
 SEEDS = ("seed", "data.split_seed", "sweep.seeds")
@@ -285,42 +275,6 @@ def _problems(config: Config, world_size: int) -> Iterator[str]:
     yield from _world_problems(config, world_size)
 
 
-def global_batch_sizes(train_size: int, global_batch: int) -> list[int]:
-    """The distinct sizes of an epoch's global batches: B, and the shorter rest where N does not divide."""
-    return sorted({min(global_batch, train_size)} | ({train_size % global_batch} - {0}))
-
-
-def batch_sizes(train_size: int, global_batch: int, world_size: int) -> list[int]:
-    """The distinct per-rank batch sizes of an epoch (``data.RankBatches``): a global batch of n
-    dealt round-robin gives n // W to each rank and one more to the first n % W."""
-    return sorted({n // world_size + (rank < n % world_size) for n in global_batch_sizes(train_size, global_batch)
-                   for rank in range(world_size)})
-
-
-def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator[str]:
-    """Batches the norm cannot take: one value per channel where BatchNorm normalizes over the
-    batch (the MLP's features; a CNN's feature maps have H x W values), a batch ghost slices do
-    not divide. Refused rather than dropped: a run trains on every sample it was given."""
-    sizes, norm = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm
-    norms = {member.norm for member in members(config)}
-    where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
-             f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
-    per_channel = {"syncbn": global_batch_sizes(train_size, config.train.global_batch_size),
-                   "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
-    single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
-    if config.model.name == "mlp" and single:
-        yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"
-    if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
-        yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
-
-
-def validate_batches(config: Config, world_size: int, train_size: int) -> None:
-    """Once the data is loaded: refuse batches the norm cannot take."""
-    problem = next(batch_problems(config, world_size, train_size), None)
-    if problem is not None:
-        raise ConfigError(problem)
-
-
 def validate(config: Config, world_size: int) -> Config:
     """Check what the schema's types cannot, for a run of ``world_size`` ranks."""
     problem = next(_problems(config, world_size), None)
@@ -348,5 +302,5 @@ def to_config(cfg: DictConfig) -> Config:
     """
     unknown = _unknown_keys(cfg, Config)
     if unknown:
-        raise ConfigError(f"unknown config key {', '.join(unknown)}: syncbn/config.py lists the keys that exist")
+        raise ConfigError(f"unknown config key {', '.join(unknown)}: syncbn/training/config.py lists the keys that exist")
     return OmegaConf.to_object(cfg)

@@ -7,10 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from syncbn.config import (Config, ConfigError, Member, batch_sizes, is_sweep, members, register, to_config, validate,
-                           validate_batches)
+from syncbn.training.config import Config, ConfigError, Member, is_sweep, members, register, to_config, validate
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,7 +93,7 @@ def test_weight_scale_sweep_fused_and_per_run_are_the_books_grid():
     params = cfg.hydra.sweeper.params
     assert params["norm"].split(",") == fused.sweep.norms
     assert [float(v) for v in params["model.weight_scale"].split(",")] == fused.sweep.weight_scales
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "syncbn.plot.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "syncbn.experiments.weight_scale.SweepSummary"
     assert compose_config("+experiment=weight_scale_sweep_per_run").norm.eps == 1e-6
 
 
@@ -111,7 +110,7 @@ def test_a_single_run_is_one_member_and_unset_sweep_lists_hold_its_values():
 def test_keys_appended_with_plus_are_not_dropped_silently(overrides, keys):
     with pytest.raises(ConfigError) as refusal:
         compose_config(*overrides)
-    assert str(refusal.value) == f"unknown config key {keys}: syncbn/config.py lists the keys that exist"
+    assert str(refusal.value) == f"unknown config key {keys}: syncbn/training/config.py lists the keys that exist"
 
 
 def _refusal(config: Config, world_size: int) -> str | None:
@@ -223,63 +222,6 @@ def test_the_first_problem_in_the_documented_order_is_the_one_named():
     assert _refusal(config, 1).startswith("sweep.seeds")
     assert _refusal(compose_config("norm.eps=0", "optim.lr=0", "dist.nproc=0"), 1).startswith("norm.eps")
     assert _refusal(compose_config("optim.lr=0", "dist.nproc=0"), 1).startswith("optim.lr")
-
-
-@pytest.mark.parametrize("train_size,global_batch,world_size", [
-    (1000, 100, 1), (1000, 100, 2), (1000, 100, 4), (203, 100, 2), (201, 100, 2), (101, 100, 1), (99, 100, 1),
-    (7, 4, 2), (5, 4, 4), (3, 4, 4), (17, 6, 3), (1, 2, 2), (1001, 100, 4), (1006, 100, 4), (10, 12, 4),
-])
-def test_batch_sizes_are_the_ones_the_trainer_deals_each_rank(train_size, global_batch, world_size):
-    from syncbn.data import RankBatches
-
-    dealt = {len(index) for rank in range(world_size)
-             for index in RankBatches(train_size, global_batch, world_size, rank, seed=0).epoch(1)}
-    sizes = batch_sizes(train_size, global_batch, world_size)
-    assert sizes == sorted(dealt) and all(type(size) is int for size in sizes)
-
-
-def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> str | None:
-    try:
-        validate_batches(compose_config(*overrides), world_size, train_size)
-    except ConfigError as error:
-        return str(error)
-    return None
-
-
-@pytest.mark.parametrize("overrides,world_size,train_size,refused", [
-    (["norm=syncbn"], 1, 1000, None),
-    (["norm=syncbn"], 1, 1001, "norm=syncbn would normalize a single sample"),  # a last batch of 1
-    (["norm=syncbn"], 2, 1002, None),  # each rank's last batch is 1: the group's is 2
-    (["norm=syncbn"], 2, 1001, "norm=syncbn would normalize a single sample"),  # ranks of 1 and 0: the group's 1
-    (["norm=syncbn"], 4, 1001, "norm=syncbn would normalize a single sample"),
-    (["norm=syncbn"], 4, 1003, None),  # ranks of 1, 1, 1 and 0
-    (["norm=bn"], 2, 201, "norm=bn would normalize a single sample"),  # each rank's last batch of 1, on its own
-    (["norm=bn"], 2, 200, None), (["norm=bn"], 2, 204, None),
-    (["norm=bn"], 4, 1003, "norm=bn would normalize a single sample"),  # ranks of 1, 1, 1 and 0
-    (["norm=bn"], 4, 1009, None),  # ranks of 3, 2, 2 and 2
-    (["norm=bn"], 4, 1002, "norm=bn would normalize a single sample"),  # ranks of 1, 1, 0 and 0
-    (["norm=bn"], 2, 1001, "norm=bn would normalize a single sample"),  # ranks of 1 and 0
-    (["norm=layernorm"], 4, 1001, None), (["norm=none"], 4, 1002, None),  # a rank's empty batch is no problem
-    (["norm=bn", "norm.ghost_slices=2"], 1, 1002, "norm=bn would normalize a single sample"),  # 2 / 2 slices
-    (["norm=bn", "norm.ghost_slices=2"], 1, 1004, None),
-    (["norm=bn", "norm.ghost_slices=2"], 1, 1005, "norm.ghost_slices=2 must divide each of them"),
-    (["norm=bn", "norm.ghost_slices=2"], 1, 1003, "norm=bn would normalize a single sample"),  # 3 // 2 slices: 1
-    (["norm=syncbn"], 2, 1004, None),  # each rank's last batch is 2: the group's is 4
-    (["norm=none"], 1, 1001, None), (["norm=layernorm"], 1, 1001, None), (["norm=groupnorm"], 1, 1001, None),
-    (["norm=syncbn", "model=cnn"], 1, 1001, None),  # a feature map has H x W values per channel
-    (["norm=none", "sweep.norms=[none,bn]"], 2, 201, "norm=bn would normalize a single sample"),
-    (["norm=bn", "sweep.norms=[none,layernorm]"], 2, 201, None),  # the single run's norm is not a member
-])
-def test_batches_a_norm_cannot_take_are_refused_naming_the_norm_and_the_sizes(overrides, world_size, train_size, refused):
-    message = _batch_refusal(overrides, world_size, train_size)
-    if refused is None:
-        assert message is None
-        return
-    sizes = ", ".join(map(str, batch_sizes(train_size, 100, world_size)))
-    if "single sample" in refused:
-        refused += "; pick sizes that leave 0 or at least 2"
-    assert message == (f"data.train_size={train_size} in batches of train.global_batch_size=100 over {world_size} "
-                       f"rank(s) gives per-rank batches of {sizes}: {refused}")
 
 
 def test_register_puts_the_schema_that_types_every_group_in_hydras_store():

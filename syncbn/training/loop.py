@@ -11,31 +11,30 @@ batches differ in size. With SyncBatchNorm, N ranks therefore train like one pro
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import TensorDataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from syncbn import checkpoint, data
-from syncbn.config import Config, FaultConfig, OptimConfig, members
-from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main, gather_rows
-from syncbn.models import build_network
+from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
+from syncbn.errors import ConfigError
+from syncbn.training import checkpoint, data
+from syncbn.training.config import Config, FaultConfig, OptimConfig, TrainConfig, members
+from syncbn.training.evaluation import evaluate, member_logits
+from syncbn.training.members import build_network
+from syncbn.training.records import MetricsLog, log_epoch
+from syncbn.training.resume import Checkpoints, Progress
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +86,6 @@ def compile_quietly(module: nn.Module, **options) -> nn.Module:
     return module
 
 
-def member_logits(output: torch.Tensor) -> torch.Tensor:
-    """Logits as ``[members, B, classes]``: a single run's network is a job of one member."""
-    return output if output.dim() == 3 else output.unsqueeze(0)
-
-
 def member_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each member's cross-entropy summed over this rank's batch (which may be empty), ``[members]``.
     The members' sum is the loss to minimize: its gradient for each member's parameters is exactly
@@ -101,47 +95,10 @@ def member_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return losses.view(size, labels.numel()).sum(1)
 
 
-@torch.no_grad()
-def count_correct(model: nn.Module, dataset: TensorDataset, ctx: DistContext, batch_size: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """``[correct per member..., seen]`` on this rank's shard (every W-th sample) of ``dataset``, in eval mode."""
-    model.eval()
-    images, labels = (t[ctx.rank :: ctx.world_size] for t in dataset.tensors)
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        batch = images[start : start + batch_size].to(ctx.device, dtype)
-        predicted = member_logits(model(batch)).argmax(dim=-1)
-        correct = correct + (predicted == labels[start : start + batch_size].to(ctx.device)).sum(dim=1)
-    correct = torch.as_tensor(correct, dtype=torch.float64, device=ctx.device)
-    return torch.cat([correct.reshape(-1), correct.new_tensor([len(labels)])])
-
-
-def weights_digest(model: nn.Module) -> int:
-    """48 bits of a SHA-256 of every parameter and buffer's bytes: equal on two ranks exactly when
-    their states are (whatever the CPU; float sums could round differently), exact in a float64."""
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:6], "big")
-
-
 def fault_step(fault: FaultConfig, rank: int) -> int | None:
     """The global step after which this rank is to SIGKILL itself: only on the launcher's first attempt."""
     first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
     return fault.kill_at_step if first_attempt and fault.kill_rank == rank else None
-
-
-@dataclass
-class Progress:
-    """Where training stands; every checkpoint holds it."""
-
-    epoch: int = 1
-    step: int = 0
-    global_step: int = 0
-    loss_sums: list[float] | None = None  # per member, the epoch's so far (None: none yet)
-    samples: int = 0
-    diverged: list[int] = field(default_factory=list)  # members whose loss stopped being finite
-    history: list[dict] = field(default_factory=list)
 
 
 class FrozenMembers:
@@ -168,93 +125,36 @@ class FrozenMembers:
             tensor.index_copy_(0, index, values)
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the run directory: one JSON object per epoch, written by rank 0 only."""
-
-    def __init__(self, run_dir: Path | None, ctx: DistContext, history: list[dict]):
-        self.path = run_dir / "metrics.jsonl" if run_dir is not None and ctx.is_main else None
-        if self.path is not None:
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in history))
-
-    def append(self, records: list[dict]) -> None:
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write("".join(json.dumps(record) + "\n" for record in records))
-
-
 class Training:
     """One rank's run: built from config, resumable from the run directory's checkpoint."""
 
     def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
-        self.config, self.ctx, self.run_dir = config, ctx, run_dir
+        self.config, self.ctx = config, ctx
         torch.manual_seed(config.seed)
         self.members = members(config)
         self.train_set, self.test_set = data.load(config.data)
-        sync_buffers = any(member.norm == "bn" for member in self.members)
+        self.has_bn = any(member.norm == "bn" for member in self.members)
         network = build_network(config)
         if config.train.compile:
             # The network, in place, inside DDP: one graph of the whole network (DDP's optimizer splits
             # it at gradient buckets). Compiling the DDP wrapper instead would compile only the frames
             # of user code under it: an nn.Sequential's layers would run eager, each SyncBatchNorm alone.
             compile_quietly(network)
-        self.model = wrap_ddp(network, ctx.device, sync_buffers)
+        self.model = wrap_ddp(network, ctx.device, sync_buffers=self.has_bn)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
         self.batches = data.RankBatches(len(self.train_set), config.train.global_batch_size, ctx.world_size,
                                         ctx.rank, config.seed)
-        self.signature = checkpoint.signature(config, ctx.world_size, self.model.module)
-        self.progress = Progress()
-        if run_dir is not None and config.train.resume:
-            self._resume()
-        self._check_ranks_agree()
+        signature = checkpoint.signature(config, ctx.world_size, self.model.module)
+        self.checkpoints = Checkpoints(run_dir, ctx, signature, self.model.module, self.optimizer)
+        resume = run_dir is not None and config.train.resume
+        self.progress = self.checkpoints.resume() if resume else Progress()
+        self.checkpoints.check_ranks_agree(self.progress)
         # Resumed, a run has been through its fault already: the same command, fault keys and all,
         # continues instead of killing the same rank at the same step again.
         self.kill_at_step = fault_step(config.fault, ctx.rank) if self.progress.global_step == 0 else None
         self.frozen = FrozenMembers(self.model.module, self.progress.diverged, len(self.members))
         self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
-
-    def _resume(self) -> None:
-        state = checkpoint.load(self.run_dir)
-        if state is None:
-            return
-        checkpoint.check_compatible(state, self.signature, self.run_dir)
-        self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(**state["progress"])
-        checkpoint.restore_rng_states(state["rng"])
-        if self.ctx.is_main:
-            log.info("resumed from %s: epoch %d, step %d", checkpoint.newest(self.run_dir), self.progress.epoch, self.progress.step)
-
-    def _check_ranks_agree(self) -> None:
-        """Every rank must start where the others do. A run directory that each node reads on its
-        own (no shared filesystem) can hand ranks different checkpoints, or none: one collective
-        compares where each stands and a digest of its weights, and all stop with the same error."""
-        if self.ctx.world_size == 1:
-            return
-        progress = self.progress
-        mine = torch.tensor([progress.epoch, progress.step, weights_digest(self.model.module)], dtype=torch.float64,
-                            device=self.ctx.device)
-        ranks = gather_rows(mine).cpu()
-        if torch.equal(ranks, ranks[:1].expand_as(ranks)):
-            return
-        where = ", ".join(f"rank {r} at epoch {int(row[0])}, step {int(row[1])}" for r, row in enumerate(ranks))
-        if torch.equal(ranks[:, :2], ranks[:1, :2].expand(len(ranks), 2)):
-            where += ", with different weights"
-        raise checkpoint.CheckpointError(
-            f"the ranks did not resume the same state ({where}): every node must see the same run directory "
-            "(hydra.run.dir on a shared filesystem)"
-        )
-
-    def save_checkpoint(self) -> None:
-        if self.run_dir is None or not self.ctx.is_main:
-            return
-        checkpoint.save(self.run_dir, dict(
-            signature=self.signature,
-            model=self.model.module.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            progress=asdict(self.progress),
-            rng=checkpoint.rng_states(),
-        ))
 
     def _epoch_totals(self) -> torch.Tensor:
         """This rank's ``[loss sum per member..., samples]`` at the start of (what is left of) the
@@ -269,12 +169,12 @@ class Training:
     def _checkpoint_mid_epoch(self, totals: torch.Tensor) -> torch.Tensor:
         group_totals = all_reduce_sum(totals.clone())
         self.progress.loss_sums, self.progress.samples = group_totals[:-1].tolist(), int(group_totals[-1].item())
-        self.save_checkpoint()
+        self.checkpoints.save(self.progress)
         return group_totals if self.ctx.is_main else torch.zeros_like(totals)
 
     def train_epoch(self) -> torch.Tensor:
         """Train the rest of the current epoch (all of it, unless resumed mid-epoch); returns this
-        rank's ``[loss sum, samples]``."""
+        rank's ``[loss sum per member..., samples]``."""
         progress, every = self.progress, self.config.train.checkpoint_every_steps
         self.model.train()
         totals = self._epoch_totals()
@@ -300,27 +200,10 @@ class Training:
         return totals
 
     def evaluate(self, totals: torch.Tensor) -> list[dict]:
-        """Each member's whole-set metrics from every rank's shard and loss sums: one all-reduce."""
-        if any(member.norm == "bn" for member in self.members):
+        if self.has_bn:  # per-rank running statistics: evaluate with rank 0's, as DDP's users do
             broadcast_buffers_from_main(self.model)
-        batch, size = self.config.train.eval_batch_size, len(self.members)
-        local = torch.cat([
-            totals,
-            count_correct(self.model, self.train_set, self.ctx, batch, self.dtype),
-            count_correct(self.model, self.test_set, self.ctx, batch, self.dtype),
-        ])
-        loss_sums, samples, train_correct, train_seen, test_correct, test_seen = all_reduce_sum(local).split(
-            [size, 1, size, 1, size, 1])
-        metrics = []
-        for member in range(size):
-            loss = loss_sums[member].item() / samples.item()
-            metrics.append(dict(
-                train_acc=(train_correct[member] / train_seen).item(),
-                test_acc=(test_correct[member] / test_seen).item(),
-                train_loss=loss if math.isfinite(loss) else None,
-                diverged=not math.isfinite(loss),
-            ))
-        return metrics
+        return evaluate(self.model, (self.train_set, self.test_set), self.ctx, totals,
+                        self.config.train.eval_batch_size, self.dtype)
 
     def finish_epoch(self, totals: torch.Tensor, start: float) -> list[dict]:
         """The epoch's records of the members still training; a member whose loss is no longer
@@ -345,22 +228,9 @@ class Training:
         progress.step, progress.loss_sums, progress.samples = 0, None, 0
         # The checkpoint first: killed between the two, the resumed run rewrites metrics.jsonl from
         # the checkpoint's history; the other way round, metrics would outlive their checkpoint.
-        self.save_checkpoint()
+        self.checkpoints.save(progress)
         self.metrics.append(records)
         return records
-
-    def log_epoch(self, records: list[dict]) -> None:
-        if not self.ctx.is_main:
-            return
-        epoch, epochs = records[0]["epoch"], self.config.train.epochs
-        if len(self.members) > 1:
-            log.info(epoch_summary(records, epochs))
-        elif records[0]["diverged"]:
-            log.warning("epoch %d: the training loss is not finite; the run diverged and stops here", epoch)
-        else:
-            record = records[0]
-            log.info("epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)", epoch, epochs,
-                     record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"])
 
     def fit(self) -> list[dict]:
         epochs = self.config.train.epochs
@@ -368,26 +238,21 @@ class Training:
         with logging_redirect_tqdm(), tqdm(total=epochs, initial=self.progress.epoch - 1, disable=not show_bar, unit="epoch") as bar:
             while self.progress.epoch <= epochs:
                 start = time.perf_counter()
-                self.log_epoch(self.finish_epoch(self.train_epoch(), start))
+                records = self.finish_epoch(self.train_epoch(), start)
+                if self.ctx.is_main:
+                    log_epoch(records, epochs, len(self.members))
                 bar.update()
         return self.progress.history
-
-
-def epoch_summary(records: list[dict], epochs: int) -> str:
-    """One line for an epoch of many members: accuracy ranges, and who diverged."""
-    training = [r for r in records if not r["diverged"]]
-    line = f"epoch {records[0]['epoch']}/{epochs}  {len(records)} networks"
-    for key in ("train_acc", "test_acc"):
-        values = sorted(r[key] for r in training)
-        if values:
-            line += f"  {key} {values[0]:.3f}-{values[-1]:.3f} (median {values[len(values) // 2]:.3f})"
-    diverged = [f"{r['norm']} scale {r['weight_scale']:.3g} seed {r['seed']}" for r in records if r["diverged"]]
-    if diverged:
-        line += f"  diverged, frozen: {', '.join(diverged)}"
-    return line + f"  ({records[0]['seconds']:.2f}s)"
 
 
 def fit(config: Config, ctx: DistContext, run_dir: Path | None = None) -> list[dict]:
     """Train ``config`` on this rank of the group (resuming from ``run_dir``'s checkpoint if any);
     returns the per-epoch metrics, the same on every rank."""
     return Training(config, ctx, run_dir).fit()
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse ``train.compile=true`` where inductor cannot build."""
+    problem = cannot_compile() if config.compile else None
+    if problem:
+        raise ConfigError(f"train.compile=true {problem}")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from syncbn import checkpoint
-from syncbn.checkpoint import CheckpointError
-from syncbn.config import (Config, DataConfig, DistConfig, FaultConfig, NormConfig, OptimConfig, SweepConfig,
+from syncbn.training import checkpoint
+from syncbn.training.checkpoint import CheckpointError
+from syncbn.training.config import (Config, DataConfig, DistConfig, FaultConfig, NormConfig, OptimConfig, SweepConfig,
                            TrainConfig)
 
 

@@ -26,7 +26,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from syncbn.config import Config
+from syncbn.training.config import Config
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

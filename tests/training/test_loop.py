@@ -10,11 +10,11 @@ import torch.distributed as dist
 from app import compose_config, read_metrics, strip
 from test_compile import CANNOT_COMPILE
 
-from syncbn import checkpoint, data, trainer
-from syncbn.checkpoint import CheckpointError
-from syncbn.config import Config, members
+from syncbn.training import checkpoint, data, loop
+from syncbn.training.checkpoint import CheckpointError
+from syncbn.training.config import Config, members
 from syncbn.distributed import DistContext
-from syncbn.models import build_network
+from syncbn.training.members import build_network
 
 
 def this_rank() -> DistContext:
@@ -24,12 +24,12 @@ def this_rank() -> DistContext:
 
 
 def fit_on_rank(config: Config, run_dir: Path | None = None) -> list[dict]:
-    return trainer.fit(config, this_rank(), run_dir)
+    return loop.fit(config, this_rank(), run_dir)
 
 
 def fit_and_keep_weights(config: Config) -> tuple[list[dict], dict]:
     """The per-epoch metrics and the final state_dict of this rank's model."""
-    training = trainer.Training(config, this_rank(), None)
+    training = loop.Training(config, this_rank(), None)
     return training.fit(), training.model.module.state_dict()
 
 
@@ -85,7 +85,7 @@ def plain_training(config: Config) -> tuple[list[float], dict]:
     images, labels = data.load(config.data)[0].tensors
     torch.manual_seed(config.seed)
     network = build_network(config)
-    optimizer = trainer.make_optimizer(config.optim, network.parameters())
+    optimizer = loop.make_optimizer(config.optim, network.parameters())
     losses, batch = [], config.train.global_batch_size
     for epoch in range(1, config.train.epochs + 1):
         order, total = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed + epoch)), 0.0
@@ -133,7 +133,7 @@ class Stop(Exception):
 def train_until(config: Config, run_dir: Path, steps: int | None) -> tuple[list[dict], dict]:
     """Train on this rank, stopping after ``steps`` optimizer steps (None: to the end); the metrics
     and final weights of a run that ends."""
-    training = trainer.Training(config, this_rank(), run_dir)
+    training = loop.Training(config, this_rank(), run_dir)
     step, taken = training.optimizer.step, []
 
     def step_then_maybe_stop(*args, **kwargs):
@@ -194,7 +194,7 @@ def test_checkpointing_mid_epoch_changes_no_metric(gloo_group, tmp_path):
 
 def fit_members(config: Config, run_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
     """A fused job's metrics and each member's final state as the standalone network's state_dict."""
-    training = trainer.Training(config, this_rank(), run_dir)
+    training = loop.Training(config, this_rank(), run_dir)
     history, fused = training.fit(), training.model.module
     return history, [fused.member_network(index).state_dict() for index in range(len(fused.members))]
 
@@ -235,7 +235,7 @@ def test_a_member_that_diverges_is_frozen_and_changes_nothing_for_the_others(glo
 def evaluate_with_skewed_statistics(config: Config) -> tuple[float, dict]:
     """Train, then shift rank 1's BatchNorm running means far off and evaluate: the test accuracy,
     and the weights and statistics rank 0 holds."""
-    training = trainer.Training(config, this_rank(), None)
+    training = loop.Training(config, this_rank(), None)
     training.fit()
     if dist.get_rank() == 1:
         with torch.no_grad():
@@ -251,9 +251,9 @@ def test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics(gloo
     scored as rank 0's network scores it alone (float64, so shard shapes change no prediction)."""
     config = compose_config("norm=bn", "train.epochs=1", "model.hidden=[20]", "train.dtype=float64")
     (accuracy, state), (other, _) = gloo_group(2).run(evaluate_with_skewed_statistics, config)
-    network = trainer.build_network(config)
+    network = build_network(config)
     network.load_state_dict(state)
-    images, labels = trainer.data.load(config.data)[1].tensors
+    images, labels = data.load(config.data)[1].tensors
     with torch.no_grad():
         alone = (network.eval()(images.double()).argmax(1) == labels).double().mean().item()
     assert accuracy == other == alone
@@ -261,7 +261,7 @@ def test_per_rank_batchnorm_is_evaluated_everywhere_with_rank_0s_statistics(gloo
 
 def first_batches(config: Config) -> list[torch.Tensor]:
     """The labels of the first batch of every epoch that ``fit`` trains on."""
-    training = trainer.Training(config, this_rank(), None)
+    training = loop.Training(config, this_rank(), None)
     labels, deal, seen = training.train_set.tensors[1], training.batches.epoch, []
 
     def recording(epoch: int) -> list[torch.Tensor]:
@@ -278,7 +278,7 @@ def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
     """The permutation for seed + epoch: a new one each epoch, the same in every run."""
     config = compose_config("train.epochs=2", "data.train_size=200", "model.hidden=[20]", "seed=3")
     seen = gloo_group(1).run(first_batches, config)[0]
-    labels = trainer.data.load(config.data)[0].tensors[1]
+    labels = data.load(config.data)[0].tensors[1]
     expected = [labels[torch.randperm(200, generator=torch.Generator().manual_seed(3 + epoch))[:100]] for epoch in (1, 2)]
     assert not torch.equal(seen[0], seen[1])
     assert all(torch.equal(got, want) for got, want in zip(seen, expected, strict=True))
@@ -287,7 +287,7 @@ def test_every_epoch_draws_a_new_order_of_the_training_set(gloo_group):
 def start_from(config: Config, run_dirs: list[Path]) -> str:
     """Start training on this rank from its own run directory; the error, if the ranks refuse."""
     try:
-        trainer.Training(config, this_rank(), run_dirs[dist.get_rank()])
+        loop.Training(config, this_rank(), run_dirs[dist.get_rank()])
     except CheckpointError as error:
         return str(error)
     return "started"
@@ -343,7 +343,7 @@ def fit_compiled(config: Config) -> tuple[list[dict], dict, int, int]:
     network's leaf modules (layers)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    training = trainer.Training(config, this_rank(), None)
+    training = loop.Training(config, this_rank(), None)
     history = training.fit()
     layers = sum(1 for module in training.model.module.modules() if not list(module.children()))
     return history, training.model.module.state_dict(), torch._dynamo.utils.counters["stats"]["calls_captured"], layers
@@ -370,9 +370,9 @@ def test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_e
     later block is held by its row within that block's tensors, and only it."""
     config = compose_config("sweep.norms=[layernorm,bn,none]", "sweep.weight_scales=[0.1,0.02]", "model.hidden=[20,30]",
                             "train.dtype=float64")
-    model = trainer.build_network(config)
+    model = build_network(config)
     before = member_states(model)
-    held = trainer.FrozenMembers(model, frozen, len(model.members))
+    held = loop.FrozenMembers(model, frozen, len(model.members))
     with torch.no_grad():
         for tensor, _ in model.member_tensors():
             tensor.add_(1)
@@ -387,8 +387,8 @@ def test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_e
 def test_with_no_member_or_every_member_diverged_nothing_is_held(frozen):
     """None diverged: every member trains; all diverged: training stops, so nothing is put back."""
     config = compose_config("sweep.norms=[bn,none]", "sweep.weight_scales=[0.1,0.02]", "model.hidden=[20]")
-    model = trainer.build_network(config)
-    held = trainer.FrozenMembers(model, frozen, len(model.members))
+    model = build_network(config)
+    held = loop.FrozenMembers(model, frozen, len(model.members))
     with torch.no_grad():
         for tensor, _ in model.member_tensors():
             tensor.add_(1)

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from syncbn.config import DataConfig
+from syncbn.errors import ConfigError
+from syncbn.training.config import Config, DataConfig, members
 
 MNIST5K_SIZE = 5000
 
@@ -160,3 +162,45 @@ class RankBatches:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
         return [order[start : start + self.global_batch][self.rank :: self.world_size]
                 for start in range(0, self.size, self.global_batch)]
+
+
+def global_batch_sizes(train_size: int, global_batch: int) -> list[int]:
+    """The distinct sizes of an epoch's global batches: B, and the shorter rest where N does not divide."""
+    return sorted({min(global_batch, train_size)} | ({train_size % global_batch} - {0}))
+
+
+def batch_sizes(train_size: int, global_batch: int, world_size: int) -> list[int]:
+    """The distinct per-rank batch sizes of an epoch (``data.RankBatches``): a global batch of n
+    dealt round-robin gives n // W to each rank and one more to the first n % W."""
+    return sorted({n // world_size + (rank < n % world_size) for n in global_batch_sizes(train_size, global_batch)
+                   for rank in range(world_size)})
+
+
+def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator[str]:
+    """Batches the norm cannot take: one value per channel where BatchNorm normalizes over the
+    batch (the MLP's features; a CNN's feature maps have H x W values), a batch ghost slices do
+    not divide. Refused rather than dropped: a run trains on every sample it was given."""
+    sizes, norm = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm
+    norms = {member.norm for member in members(config)}
+    where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
+             f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
+    per_channel = {"syncbn": global_batch_sizes(train_size, config.train.global_batch_size),
+                   "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
+    single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
+    if config.model.name == "mlp" and single:
+        yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"
+    if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
+        yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
+
+
+def validate_batches(config: Config, world_size: int, train_size: int) -> None:
+    """Refuse batches the norm cannot take, for a training set of ``train_size``."""
+    problem = next(batch_problems(config, world_size, train_size), None)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check(config: Config, world_size: int) -> None:
+    """The data loads, and its batches are ones the job's norms can take at ``world_size``."""
+    train_set, _ = load(config.data)
+    validate_batches(config, world_size, len(train_set))
