@@ -99,6 +99,9 @@ class SweepConfig:
     weight_scales: list[float] | None = None
     norms: list[str] | None = None
     seeds: list[int] | None = None  # each member's initial weights; the batch order is ``seed``'s
+    # Per-rank BatchNorm members (norm bn) as ranks of this many samples: one member per size, each
+    # normalizing slices of that size of its rank's batch (GhostBatchNorm's); null: the whole batch.
+    bn_slices: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,12 @@ class Member:
     norm: str
     weight_scale: float
     seed: int
+    bn_slice: int | None = None  # per-rank BN over slices of this many samples (None: the whole batch)
+
+    def record(self) -> dict:
+        """What names the member in its metrics."""
+        names = dict(norm=self.norm, weight_scale=self.weight_scale, seed=self.seed)
+        return names if self.bn_slice is None else dict(names, bn_slice=self.bn_slice)
 
 
 @dataclass
@@ -126,16 +135,18 @@ class Config:
 
 def is_sweep(config: Config) -> bool:
     sweep = config.sweep
-    return any(values is not None for values in (sweep.weight_scales, sweep.norms, sweep.seeds))
+    return any(values is not None for values in (sweep.weight_scales, sweep.norms, sweep.seeds, sweep.bn_slices))
 
 
 def members(config: Config) -> list[Member]:
-    """The networks a job trains, grouped by norm: a single run's one, or a sweep's product."""
+    """The networks a job trains, grouped by norm and then slice size: a single run's one, or a
+    sweep's product (``sweep.bn_slices`` multiplies the per-rank BN members only)."""
     sweep = config.sweep
     norms = sweep.norms if sweep.norms is not None else [config.norm.name]
     scales = sweep.weight_scales if sweep.weight_scales is not None else [config.model.weight_scale]
     seeds = sweep.seeds if sweep.seeds is not None else [config.seed]
-    return [Member(norm, float(scale), seed) for norm in norms for scale in scales for seed in seeds]
+    return [Member(norm, float(scale), seed, bn_slice) for norm in norms
+            for bn_slice in (sweep.bn_slices or [None] if norm == "bn" else [None]) for scale in scales for seed in seeds]
 
 
 def register() -> None:
@@ -244,7 +255,8 @@ def _world_problems(config: Config, world_size: int) -> Iterator[str]:
 
 def _sweep_problems(config: Config) -> Iterator[str]:
     sweep = config.sweep
-    for key, values in (("weight_scales", sweep.weight_scales), ("norms", sweep.norms), ("seeds", sweep.seeds)):
+    for key, values in (("weight_scales", sweep.weight_scales), ("norms", sweep.norms), ("seeds", sweep.seeds),
+                        ("bn_slices", sweep.bn_slices)):
         if values is not None and not values:
             yield f"sweep.{key} must list at least one value, or be null (the single run's value), got []"
         elif values is not None and len(set(values)) < len(values):
@@ -254,11 +266,12 @@ def _sweep_problems(config: Config) -> Iterator[str]:
         yield f"sweep.norms: each must be one of {', '.join(NORMS)}, got {unknown[0]!r}"
     if any(scale <= 0 for scale in sweep.weight_scales or []):
         yield f"sweep.weight_scales must all be > 0, got {sweep.weight_scales}"
+    if any(size < 1 for size in sweep.bn_slices or []):
+        yield f"sweep.bn_slices must all be >= 1 (samples per slice), got {sweep.bn_slices}"
+    if sweep.bn_slices is not None and not any(member.norm == "bn" for member in members(config)):
+        yield "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"
     if not is_sweep(config):
         return
-    if config.model.name != "mlp":
-        yield (f"a sweep trains its members as one batched MLP: model must be mlp, got {config.model.name} "
-               "(sweep other models per run: -m +experiment=weight_scale_sweep_per_run)")
     if config.norm.ghost_slices is not None:
         yield "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"
     if config.study.per_device_batch is not None:

@@ -184,13 +184,17 @@ def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator
     norms = {member.norm for member in members(config)}
     where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
              f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
+    slices = sorted({member.bn_slice for member in members(config) if member.bn_slice is not None})
     per_channel = {"syncbn": global_batch_sizes(train_size, config.train.global_batch_size),
-                   "bn": [s // (norm.ghost_slices or 1) for s in sizes]}
+                   "bn": slices or [s // (norm.ghost_slices or 1) for s in sizes]}
     single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
     if config.model.name == "mlp" and single:
         yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"
     if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
         yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
+    uneven = [size for size in slices if any(s % size for s in sizes)]
+    if uneven:
+        yield f"{where}: sweep.bn_slices={uneven[0]} must divide each of them"
 
 
 def validate_batches(config: Config, world_size: int, train_size: int) -> None:

@@ -214,8 +214,8 @@ class Training:
         for index, member in enumerate(self.members):
             if index in progress.diverged:
                 continue
-            records.append(dict(norm=member.norm, weight_scale=member.weight_scale, seed=member.seed,
-                                world_size=self.ctx.world_size, epoch=progress.epoch, **metrics[index], seconds=seconds))
+            records.append(dict(member.record(), world_size=self.ctx.world_size, epoch=progress.epoch, **metrics[index],
+                                seconds=seconds))
             if metrics[index]["diverged"]:
                 progress.diverged.append(index)
         progress.history += records

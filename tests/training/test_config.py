@@ -104,6 +104,15 @@ def test_a_single_run_is_one_member_and_unset_sweep_lists_hold_its_values():
     assert is_sweep(config) and members(config) == [Member("none", 0.3, 1), Member("none", 0.3, 2)]
 
 
+def test_bn_slices_multiply_the_per_rank_bn_members_only_grouped_by_norm_then_slice():
+    config = compose_config("sweep.norms=[syncbn,bn]", "sweep.bn_slices=[8,2]", "sweep.seeds=[0,1]", "model.weight_scale=0.5")
+    assert is_sweep(compose_config("norm=bn", "sweep.bn_slices=[4]"))
+    assert members(config) == [Member("syncbn", 0.5, 0), Member("syncbn", 0.5, 1), Member("bn", 0.5, 0, 8),
+                               Member("bn", 0.5, 1, 8), Member("bn", 0.5, 0, 2), Member("bn", 0.5, 1, 2)]
+    assert Member("bn", 0.5, 1, 2).record() == dict(norm="bn", weight_scale=0.5, seed=1, bn_slice=2)
+    assert Member("bn", 0.5, 1).record() == dict(norm="bn", weight_scale=0.5, seed=1)
+
+
 @pytest.mark.parametrize("overrides,keys", [(["+train.epoch=3"], "train.epoch"), (["+lr=0.1"], "lr"),
                                             (["+model.depth=3"], "model.depth"),
                                             (["+lr=0.1", "+model.depth=3"], "model.depth, lr")])
@@ -197,10 +206,17 @@ BOUNDARIES = [
     (["sweep.norms=[bn,batchnorm]"], 1, "sweep.norms: each must be one of syncbn, bn, none, layernorm, groupnorm, got 'batchnorm'"),
     (["sweep.weight_scales=[0.1,0]"], 1, "sweep.weight_scales must all be > 0, got [0.1, 0.0]"),
     (["sweep.weight_scales=[1e-300]"], 1, None), (["sweep.seeds=[5]"], 1, None),
-    (["sweep.seeds=[0,1]", "model=cnn"], 1,
-     "a sweep trains its members as one batched MLP: model must be mlp, got cnn (sweep other models per run: "
-     "-m +experiment=weight_scale_sweep_per_run)"),
+    (["sweep.seeds=[0,1]", "model=cnn"], 1, None),  # a fused CNN
     (["model=cnn"], 1, None),
+    (["sweep.bn_slices=[]", "norm=bn"], 1, "sweep.bn_slices must list at least one value, or be null (the single run's value), got []"),
+    (["sweep.bn_slices=[4,2,4]", "norm=bn"], 1, "sweep.bn_slices lists a value twice: [4, 2, 4]"),
+    (["sweep.bn_slices=[4,0]", "norm=bn"], 1, "sweep.bn_slices must all be >= 1 (samples per slice), got [4, 0]"),
+    (["sweep.bn_slices=[1]", "norm=bn"], 1, None),  # a CNN's slice of one sample has H x W values: data.check decides
+    (["sweep.bn_slices=[4]", "sweep.norms=[syncbn,none]"], 1,
+     "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"),
+    (["sweep.bn_slices=[4]", "norm=bn", "sweep.norms=[syncbn,none]"], 1,
+     "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"),
+    (["sweep.bn_slices=[4]", "norm=syncbn", "sweep.norms=[none,bn]"], 1, None),
     (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], 1,
      "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"),
     (["sweep.seeds=[0,1]", "study.per_device_batch=50"], 1,

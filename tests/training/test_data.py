@@ -178,6 +178,13 @@ def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> st
     (["norm=syncbn", "model=cnn"], 1, 1001, None),  # a feature map has H x W values per channel
     (["norm=none", "sweep.norms=[none,bn]"], 2, 201, "norm=bn would normalize a single sample"),
     (["norm=bn", "sweep.norms=[none,layernorm]"], 2, 201, None),  # the single run's norm is not a member
+    (["norm=bn", "sweep.bn_slices=[4,3]"], 1, 1000, "sweep.bn_slices=3 must divide each of them"),
+    (["norm=bn", "sweep.bn_slices=[4,25]"], 1, 1000, None),
+    (["norm=bn", "sweep.bn_slices=[1]"], 1, 1000, "norm=bn would normalize a single sample"),
+    (["norm=bn", "model=cnn", "sweep.bn_slices=[1]"], 1, 1000, None),
+    (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[50,25]"], 2, 1000, None),
+    (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[100]"], 2, 1000, "sweep.bn_slices=100 must divide each of them"),
+    (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[2]"], 2, 1002, "sweep.bn_slices=2 must divide each of them"),
 ])
 def test_batches_a_norm_cannot_take_are_refused_naming_the_norm_and_the_sizes(overrides, world_size, train_size, refused):
     message = _batch_refusal(overrides, world_size, train_size)

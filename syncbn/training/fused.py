@@ -1,0 +1,130 @@
+"""What the fused models share: their members in blocks that share a norm module, each member's
+tensors as rows of the fused ones, and a member drawn from (and exported as) the standalone
+network a single run of it builds (``models.py``)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn.batchnorm import GhostBatchNorm
+from syncbn.training.config import Member, ModelConfig, NormConfig
+from syncbn.training.models import make_norm
+
+
+class SliceBatchNorm(GhostBatchNorm):
+    """Per-rank BatchNorm of ranks that hold ``size`` samples, in one process: each slice of ``size``
+    samples of the batch (``GhostBatchNorm``'s interleaved slices, rank r's share) is normalized on
+    its own, however many slices the batch holds."""
+
+    def __init__(self, num_features: int, size: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__(num_features, 1, eps=eps, momentum=momentum)
+        self.size = size
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if input.size(0) % self.size:
+                raise ValueError(f"slices of {self.size} samples need a batch divisible by {self.size}, got {input.size(0)}")
+            self.slices = max(input.size(0) // self.size, 1)  # an empty rank's batch: one empty slice
+        return super().forward(input)
+
+
+def block_norm(norm: NormConfig, count: int, width: int, images: bool, bn_slice: int | None) -> nn.Module:
+    """The norm of ``count`` members of one norm, on their ``count x width`` channels side by side:
+    BatchNorm over all of them normalizes each channel alone; a GroupNorm of ``count`` times the
+    groups keeps each member's groups (a CNN's LayerNorm is one group) apart."""
+    if norm.name == "bn" and bn_slice is not None:
+        return SliceBatchNorm(count * width, bn_slice, eps=norm.eps, momentum=norm.momentum)
+    if images and norm.name in ("layernorm", "groupnorm"):
+        groups = 1 if norm.name == "layernorm" else norm.num_groups
+        return nn.GroupNorm(count * groups, count * width, eps=norm.eps)
+    return make_norm(norm, count * width, images)
+
+
+def norm_blocks(members: list[Member]) -> list[tuple[str, int | None, int, int]]:
+    """``(norm, bn_slice, start, stop)`` for each run of consecutive members sharing a norm module."""
+    blocks, start = [], 0
+    for (name, bn_slice), group in itertools.groupby((member.norm, member.bn_slice) for member in members):
+        stop = start + len(list(group))
+        blocks.append((name, bn_slice, start, stop))
+        start = stop
+    return blocks
+
+
+def layer_tensors(network: nn.Sequential) -> Iterator[torch.Tensor]:
+    """A standalone network's parameters and running statistics, layer by layer."""
+    for layer in network:
+        yield from (t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)) if t.is_floating_point())
+
+
+class FusedMembers(nn.Module):
+    """Members of one model trained as one network. A subclass lists its tensors in
+    ``member_tensors`` as ``(view [k, ...], the k members of its rows)``, in the order of the
+    standalone network's own (``layer_tensors``), each row shaped as that tensor; and its norm
+    modules in ``self.norms``, a list per hidden layer of one module per block."""
+
+    def __init__(self, members: list[Member], model: ModelConfig, norm: NormConfig,
+                 build: Callable[[ModelConfig, NormConfig], nn.Sequential]) -> None:
+        super().__init__()
+        self.members = list(members)
+        self.blocks = norm_blocks(self.members)
+        self.model_config, self.norm_config, self._build = model, norm, build
+
+    def member_tensors(self) -> list[tuple[torch.Tensor, range]]:
+        raise NotImplementedError
+
+    def norm_rows(self, norms: nn.ModuleList) -> list[tuple[torch.Tensor, range]]:
+        """A hidden layer's norm parameters and running statistics, each block's as rows of its members."""
+        return [(t.view(stop - start, -1), range(start, stop)) for norm, (*_, start, stop) in zip(norms, self.blocks)
+                for t in (*norm.parameters(), *norm.buffers()) if t.is_floating_point()]
+
+    def _batch_norms(self, block: int) -> list[_BatchNorm]:
+        """The BatchNorm modules of ``block``'s members, a hidden layer after another (none for other norms)."""
+        modules = (getattr(norms[block], "batch_norm", norms[block]) for norms in self.norms)
+        return [module for module in modules if isinstance(module, _BatchNorm)]
+
+    def _standalone(self, member: Member) -> nn.Sequential:
+        """The network a single run of ``member`` builds (drawing its weights from the global RNG)."""
+        return self._build(replace(self.model_config, weight_scale=member.weight_scale),
+                           replace(self.norm_config, name=member.norm))
+
+    def _pairs(self, index: int, network: nn.Sequential) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Member ``index``'s row of every fused tensor, beside the standalone network's tensor."""
+        rows = [view[index - members.start] for view, members in self.member_tensors() if index in members]
+        return zip(rows, layer_tensors(network), strict=True)
+
+    @torch.no_grad()
+    def draw_members(self) -> None:
+        """Each member starts from exactly the weights its single run draws with its seed."""
+        for index, member in enumerate(self.members):
+            torch.manual_seed(member.seed)
+            for mine, theirs in self._pairs(index, self._standalone(member)):
+                mine.copy_(theirs.view_as(mine))
+
+    @torch.no_grad()
+    def member_network(self, index: int) -> nn.Sequential:
+        """Member ``index`` as the standalone network a single run trains, holding a copy of its
+        current weights and running statistics: to keep, evaluate or export one member. A per-rank
+        BN member of slices comes back as the network of a rank holding one slice."""
+        network = self._standalone(self.members[index]).to(next(self.parameters()).dtype)
+        for mine, theirs in self._pairs(index, network):
+            theirs.copy_(mine.view_as(theirs))
+        block = next(b for b, (*_, start, stop) in enumerate(self.blocks) if start <= index < stop)
+        standalone = [layer for layer in network if isinstance(layer, _BatchNorm)]
+        for layer, fused in zip(standalone, self._batch_norms(block), strict=True):
+            layer.num_batches_tracked.copy_(fused.num_batches_tracked)
+        return network.train(self.training)
+
+    def normalize(self, layer: int, h: torch.Tensor, dim: int) -> torch.Tensor:
+        """Hidden layer ``layer``'s norms on ``h``, whose members lie side by side along ``dim``."""
+        norms = self.norms[layer]
+        if len(self.blocks) == 1:
+            return norms[0](h)
+        per_member = h.size(dim) // len(self.members)
+        return torch.cat([norm(h.narrow(dim, start * per_member, (stop - start) * per_member))
+                          for norm, (*_, start, stop) in zip(norms, self.blocks)], dim=dim)
