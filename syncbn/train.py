@@ -24,6 +24,7 @@ scripts do); ranks other than 0 write nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -31,7 +32,8 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -46,7 +48,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, E
 
 from syncbn import distributed
 from syncbn.errors import ConfigError
-from syncbn.experiments import batch_size, weight_scale
+from syncbn.experiments import batch_size, study_plan, weight_scale
 from syncbn.training import checkpoint, data, loop, models
 from syncbn.training.checkpoint import CheckpointError
 from syncbn.training.config import Config, is_sweep, register, to_config, validate
@@ -167,36 +169,80 @@ def train(config: Config, world_size: int, run_dir: Path) -> None:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+@dataclass(frozen=True)
+class Job:
+    """What one training of the command trains, and where: the whole command, or one of the fused
+    batch-size study's jobs (a directory each); ``describe`` writes its ``study.json``, if any."""
+
+    config: Config
+    world_size: int
+    run_dir: Path
+    describe: Callable[[Path], Path] | None = None
+
+
+def with_model(cfg: DictConfig, model: str) -> Config:
+    """The command's config with ``model`` chosen instead: the user's overrides, the model's group."""
+    overrides = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") != "model"]
+    return to_config(hydra.compose("config", overrides=[*overrides, f"model={model}"]))
+
+
+def plan_jobs(cfg: DictConfig, config: Config, run_dir: Path) -> tuple[list[Job], Callable[[Path], list[dict]] | None]:
+    """The command's jobs, and what summarizes them at the end (None: nothing)."""
+    validate(config, distributed.planned_world_size(config.dist))  # the values first, then what they plan
+    study_plan.check(config)
+    if config.study.per_device_batches is not None:
+        models = {model: with_model(cfg, model) for model in study_plan.study_lists(config)[0]}
+        jobs = study_plan.fused_jobs(config, models)
+        return [Job(job.config, job.world_size, run_dir / job.name, job.save) for job in jobs], batch_size.summarize
+    layout = study_plan.plan(config)
+    if layout is not None:
+        config = layout.apply(config)
+    job = Job(config, distributed.planned_world_size(config.dist), run_dir,
+              functools.partial(layout.save, config) if layout is not None else None)
+    return [job], weight_scale.summarize if is_sweep(config) else None
+
+
+def finished(jobs: list[Job]) -> list[str | None]:
+    """For each job, why it has nothing left to train (its checkpoint says so), or None."""
+    return [nothing_to_resume(job.config, job.world_size, job.run_dir) for job in jobs]
+
+
+def nothing_to_train(reasons: list[str | None], run_dir: Path) -> str | None:
+    if not all(reasons):
+        return None
+    return reasons[0] if len(reasons) == 1 else f"{run_dir} holds the {len(reasons)} finished jobs of the study: nothing to train"
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         run_dir = output_dir(HydraConfig.get())
         with nothing_left_if_refused(run_dir):
-            config = to_config(cfg)
-            layout = batch_size.plan(config)
-            if layout is not None:
-                config = layout.apply(config)
-            world_size = distributed.planned_world_size(config.dist)
-            preflight(config, world_size)
+            jobs, summarize = plan_jobs(cfg, to_config(cfg), run_dir)
+            for job in jobs:
+                preflight(job.config, job.world_size)
             if os.environ.get("SYNCBN_CHECK_ONLY") == "1":
-                nothing_to_resume(config, world_size, run_dir)
+                finished(jobs)
                 remove_if_untouched(run_dir)
                 return
         with checkpoint.claim(run_dir) if owns_run_dir() else contextlib.nullcontext():
-            nothing_to_train = nothing_to_resume(config, world_size, run_dir)
-            if nothing_to_train:
+            reasons = finished(jobs)
+            reason = nothing_to_train(reasons, run_dir)
+            if reason:
                 if owns_run_dir():
-                    print(f"syncbn.train: {nothing_to_train}", file=sys.stderr)
+                    print(f"syncbn.train: {reason}", file=sys.stderr)
                 return
             if owns_run_dir():
-                start_over(config, run_dir)
+                start_over(jobs[0].config, run_dir)
                 save_hydra_files(cfg, run_dir)
-                if layout is not None:
-                    layout.save(config, run_dir)
-            with interrupts_in_one_line(run_dir, how_to_resume(run_dir)):
-                train(config, world_size, run_dir)
-            if is_sweep(config) and owns_run_dir():
-                weight_scale.summarize(run_dir)
+            for job in (job for job, reason in zip(jobs, reasons) if reason is None):
+                if owns_run_dir() and job.describe is not None:
+                    job.run_dir.mkdir(exist_ok=True)
+                    job.describe(job.run_dir)
+                with interrupts_in_one_line(job.run_dir, how_to_resume(run_dir)):
+                    train(job.config, job.world_size, job.run_dir)
+            if summarize is not None and owns_run_dir():
+                summarize(run_dir)
 
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it

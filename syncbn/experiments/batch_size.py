@@ -1,25 +1,14 @@
 """The per-device batch-size study: synchronized BN, per-rank BN, LayerNorm, GroupNorm and no norm
-as a fixed global batch is split over more and more devices.
+as a fixed global batch is split over more and more devices; its CSV, figure and table.
 
-    python -m syncbn.train -m +experiment=batch_size_study   # 180 runs; README gives the runtime
-    python -m syncbn.experiments.batch_size SWEEP_DIR        # redraw batch_study.csv/png, print the table
-    python -m syncbn.study SWEEP_DIR                          # the same (its first name)
+    python -m syncbn.train +experiment=batch_size_study              # 180 rows from 4 fused jobs
+    python -m syncbn.train -m +experiment=batch_size_study_per_run   # the reference: 180 runs
+    python -m syncbn.experiments.batch_size DIR                      # redraw batch_study.csv/png, print the table
+    python -m syncbn.study DIR                                       # the same (its first name)
 
-At global batch B, a per-device batch b means a data-parallel world size W = B / b. ``plan`` decides
-how each run of the sweep executes that layout:
-
-- ``real``: W <= ``study.max_real_ranks``: W Gloo ranks of the CPU simulation, DDP as in production.
-- ``ghost``: per-rank BatchNorm (``norm=bn``) at larger W: one process whose GhostBatchNorm gives
-  each of the W slices of the batch its own statistics, as W ranks would (``tests/test_batchnorm.py``
-  proves it equal to real ranks at W = 2 and 4: outputs every step, parameters, buffers).
-- ``one-process``: every other norm at larger W, in one process on the global batch. Synchronized BN
-  over W ranks is BatchNorm over the global batch (the SyncBatchNorm parity tests prove it to 1e-10),
-  and LayerNorm, GroupNorm and no norm work per sample, so DDP's averaged gradient is the gradient
-  of the global batch's mean loss.
-
-Each run's directory gets ``study.json`` (its layout); when the sweep ends (the
-``BatchStudySummary`` Hydra callback) the sweep directory gets ``batch_study.csv`` and
-``batch_study.png``.
+How each per-device batch is executed (real ranks, slices of per-rank BN, one process) is
+``study_plan.py``'s; every job or run directory says so in its ``study.json``. The study's
+directory gets ``batch_study.csv`` and ``batch_study.png`` when it ends.
 """
 
 from __future__ import annotations
@@ -28,16 +17,11 @@ import json
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from syncbn.distributed import launched
-from syncbn.errors import ConfigError
+from syncbn.experiments.study_plan import LAYOUT_FILE
 from syncbn.experiments.summary import LABELS, LINE_STYLES, Summary, SummaryCallback, plt, save_figure
-from syncbn.training.config import Config
 
-LAYOUT_FILE = "study.json"
 TARGET_TRAIN_ACC = 0.9
 COLUMNS = [
     "norm", "model", "per_device_batch", "world_size", "seed", "execution", "final_train_acc", "final_test_acc",
@@ -48,85 +32,39 @@ STUDY_LABELS = {**LABELS, "none": "no normalization"}
 MIN_ACCURACY_SPAN = 0.1
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one run of the study executes: W = ``world_size`` devices of ``per_device_batch`` each."""
-
-    per_device_batch: int
-    world_size: int
-    execution: str  # real | ghost | one-process
-
-    def apply(self, config: Config) -> Config:
-        """``config`` with the processes and ghost slices that execute this layout."""
-        return replace(
-            config,
-            dist=replace(config.dist, nproc=self.world_size if self.execution == "real" else 1),
-            norm=replace(config.norm, ghost_slices=self.world_size if self.execution == "ghost" else None),
-        )
-
-    def save(self, config: Config, run_dir: Path) -> Path:
-        path = run_dir / LAYOUT_FILE
-        run = dict(norm=config.norm.name, model=config.model.name, seed=config.seed, epochs=config.train.epochs)
-        path.write_text(json.dumps(dict(run, **asdict(self))) + "\n")
-        return path
-
-
-def _problems(config: Config) -> Iterator[str]:
-    study, batch = config.study, config.train.global_batch_size
-    if study.max_real_ranks < 1:  # a value of its own, in an ordinary run too
-        yield f"study.max_real_ranks must be >= 1, got {study.max_real_ranks}"
-    if study.per_device_batch is None:
-        return
-    if study.per_device_batch < 1 or batch % study.per_device_batch:
-        yield f"study.per_device_batch={study.per_device_batch} must divide train.global_batch_size={batch}"
-    if config.dist.nproc != 1 or launched():
-        yield "study.per_device_batch sets the world size itself: leave dist.nproc at 1 and start it without torchrun"
-    if config.norm.ghost_slices is not None:
-        yield "study.per_device_batch sets norm.ghost_slices itself: leave it null"
-    if config.data.train_size is None or config.data.train_size % batch:
-        # A ragged end would leave the W real ranks uneven batches that GhostBatchNorm's W equal
-        # slices cannot emulate.
-        yield (f"the batch-size study needs data.train_size divisible by train.global_batch_size={batch}, "
-               f"so that every step splits into equal per-device batches; got {config.data.train_size}")
-    if config.norm.name == "bn" and config.model.name == "mlp" and study.per_device_batch == 1:
-        yield "norm=bn with model=mlp normalizes over the per-device batch and needs 2 samples or more, got 1"
-
-
-def plan(config: Config) -> Layout | None:
-    """The layout of a study run, or None for an ordinary run (``study.per_device_batch`` null)."""
-    problem = next(_problems(config), None)
-    if problem is not None:
-        raise ConfigError(problem)
-    if config.study.per_device_batch is None:
-        return None
-    world_size = config.train.global_batch_size // config.study.per_device_batch
-    if world_size <= config.study.max_real_ranks:
-        execution = "real"
-    elif config.norm.name == "bn":
-        execution = "ghost"
-    else:
-        execution = "one-process"
-    return Layout(config.study.per_device_batch, world_size, execution)
-
-
 def epochs_to_reach(records: list[dict], accuracy: float = TARGET_TRAIN_ACC) -> int | None:
     """The first epoch whose training accuracy is at least ``accuracy``; None if none is."""
     return next((r["epoch"] for r in records if r["train_acc"] >= accuracy), None)
 
 
-def run_row(run_dir: Path) -> dict | None:
-    """One CSV row: a study run's layout and its final epoch; None while the run is unfinished."""
+def _is_member(record: dict, member: dict | None) -> bool:
+    """``record`` is the member's (a per-run study run's records are all its one member's)."""
+    return member is None or all(record.get(key) == value for key, value in member.items()) and (
+        "bn_slice" in member or "bn_slice" not in record)
+
+
+def run_rows(run_dir: Path) -> list[dict] | None:
+    """The CSV rows of a study run or fused job: each its layout and its member's final epoch;
+    None while any of them is unfinished. ``seconds`` is the member's share of the run's time."""
     layout = json.loads((run_dir / LAYOUT_FILE).read_text())
     metrics = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
-    if not records or not (records[-1]["epoch"] == layout["epochs"] or records[-1]["diverged"]):
-        return None
-    last = records[-1]
-    return dict(
-        layout, final_train_acc=last["train_acc"], final_test_acc=last["test_acc"], final_train_loss=last["train_loss"],
-        diverged=last["diverged"], epochs=last["epoch"], epochs_to_90pct_train_acc=epochs_to_reach(records),
-        seconds=round(sum(r["seconds"] for r in records), 2),
-    )
+    specs = layout.get("rows", [layout])
+    members = {json.dumps(spec.get("member")) for spec in specs}
+    seconds = sum({r["epoch"]: r["seconds"] for r in records}.values()) / len(members)
+    rows = []
+    for spec in specs:
+        own = [r for r in records if _is_member(r, spec.get("member"))]
+        if not own or not (own[-1]["epoch"] == layout["epochs"] or own[-1]["diverged"]):
+            return None
+        last = own[-1]
+        row = {key: value for key, value in spec.items() if key != "member"}
+        rows.append(dict(
+            row, epochs=last["epoch"], final_train_acc=last["train_acc"], final_test_acc=last["test_acc"],
+            final_train_loss=last["train_loss"], diverged=last["diverged"],
+            epochs_to_90pct_train_acc=epochs_to_reach(own), seconds=round(seconds, 2),
+        ))
+    return rows
 
 
 def _norm_key(norm: str) -> int:
@@ -142,14 +80,14 @@ def _order(row: dict) -> tuple:
 
 
 def read_study(sweep_dir: Path) -> list[dict]:
-    """A row per finished run under ``sweep_dir``; unfinished runs are reported and skipped."""
+    """The rows of every finished run or job under ``sweep_dir``; unfinished ones are reported and skipped."""
     rows, unfinished = [], []
     for layout_path in sorted(sweep_dir.rglob(LAYOUT_FILE)):
-        row = run_row(layout_path.parent)
-        if row is None:
+        found = run_rows(layout_path.parent)
+        if found is None:
             unfinished.append(layout_path.parent.name)
         else:
-            rows.append(row)
+            rows += found
     if unfinished:
         print(f"syncbn.experiments.batch_size: skipped {len(unfinished)} unfinished runs: {', '.join(unfinished)}", file=sys.stderr)
     if not rows:

@@ -82,10 +82,15 @@ class FaultConfig:
 
 @dataclass
 class StudyConfig:
-    """The batch-size study (``+experiment=batch_size_study``, see ``syncbn/experiments/batch_size.py``): a
-    per-device batch becomes a data-parallel world size, run as real ranks up to
-    ``max_real_ranks`` and emulated in one process beyond."""
+    """The batch-size study (``syncbn/experiments/batch_size.py``): a per-device batch becomes a
+    data-parallel world size, run as real ranks up to ``max_real_ranks`` and emulated in one
+    process beyond. The lists (``+experiment=batch_size_study``) make it one command of a few fused
+    jobs; ``per_device_batch`` (``-m +experiment=batch_size_study_per_run``) one run of it."""
 
+    models: list[str] | None = None
+    norms: list[str] | None = None
+    per_device_batches: list[int] | None = None  # set: the fused study; null: none
+    seeds: list[int] | None = None
     per_device_batch: int | None = None  # null: an ordinary run, dist.nproc decides the world size
     max_real_ranks: int = 2
 
@@ -155,7 +160,7 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-SEEDS = ("seed", "data.split_seed", "sweep.seeds")
+SEEDS = ("seed", "data.split_seed", "sweep.seeds", "study.seeds")
 SEED_LIMIT = 2**32  # seeds: [0, 2^32), what every generator seeded here takes
 INT_LIMIT = 2**31  # every other whole number: sizes and counts beyond int32 are no run's
 MAX_TIMEOUT_S = 30 * 24 * 3600.0

@@ -1,0 +1,176 @@
+"""How the batch-size study executes: which world size, processes and norm each per-device batch
+gets, as the few fused jobs of ``+experiment=batch_size_study`` or as one run of the per-run study.
+
+At global batch B a per-device batch b means W = B / b devices. Up to ``study.max_real_ranks``
+the study runs W real Gloo ranks (``real``; W = 1 included). Beyond, it computes in one process
+what W ranks compute: per-rank BatchNorm normalizes each slice of b samples of the batch on its
+own (``ghost``: GhostBatchNorm's slices, proven equal to real ranks), and every other norm gives
+at W ranks what it gives on the global batch (``one-process``): synchronized BN *is* BatchNorm
+over the global batch, and LayerNorm, GroupNorm and no norm work per sample.
+
+The fused study trains, for each model, one job at W = 1 whose members are every norm and seed,
+per-rank BN once per per-device batch it emulates (``sweep.bn_slices``), and one job at each real
+W > 1 whose members are every norm and seed. Each job's directory gets ``study.json``: the CSV
+rows it gives and which member computes each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from syncbn.distributed import launched
+from syncbn.errors import ConfigError
+from syncbn.training.config import MODELS, NORMS, Config, StudyConfig, SweepConfig
+
+LAYOUT_FILE = "study.json"
+
+
+def execution(world_size: int, norm: str, max_real_ranks: int) -> str:
+    if world_size <= max_real_ranks:
+        return "real"
+    return "ghost" if norm == "bn" else "one-process"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one run of the per-run study executes: W = ``world_size`` devices of ``per_device_batch`` each."""
+
+    per_device_batch: int
+    world_size: int
+    execution: str  # real | ghost | one-process
+
+    def apply(self, config: Config) -> Config:
+        """``config`` with the processes and ghost slices that execute this layout."""
+        return replace(
+            config,
+            dist=replace(config.dist, nproc=self.world_size if self.execution == "real" else 1),
+            norm=replace(config.norm, ghost_slices=self.world_size if self.execution == "ghost" else None),
+        )
+
+    def save(self, config: Config, run_dir: Path) -> Path:
+        path = run_dir / LAYOUT_FILE
+        run = dict(norm=config.norm.name, model=config.model.name, seed=config.seed, epochs=config.train.epochs)
+        path.write_text(json.dumps(dict(run, **asdict(self))) + "\n")
+        return path
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """One fused job of the study: its directory's name, its config and the rows it gives."""
+
+    name: str
+    config: Config
+    world_size: int
+    rows: list[dict] = field(default_factory=list)  # the CSV's layout columns, and "member": its record's names
+
+    def save(self, run_dir: Path) -> Path:
+        path = run_dir / LAYOUT_FILE
+        path.write_text(json.dumps(dict(epochs=self.config.train.epochs, rows=self.rows)) + "\n")
+        return path
+
+
+def study_lists(config: Config) -> tuple[list[str], list[str], list[int], list[int]]:
+    """The fused study's models, norms, per-device batches and seeds; a list left null holds the
+    single run's value."""
+    study = config.study
+    return (study.models or [config.model.name], study.norms or [config.norm.name], study.per_device_batches or [],
+            study.seeds if study.seeds is not None else [config.seed])
+
+
+def _list_problems(study: StudyConfig) -> Iterator[str]:
+    for key in ("models", "norms", "per_device_batches", "seeds"):
+        values = getattr(study, key)
+        if values is not None and not values:
+            yield f"study.{key} must list at least one value, or be null, got []"
+        elif values is not None and len(set(values)) < len(values):
+            yield f"study.{key} lists a value twice: {values}"
+    for key, choices in (("models", MODELS), ("norms", NORMS)):
+        unknown = [name for name in getattr(study, key) or [] if name not in choices]
+        if unknown:
+            yield f"study.{key}: each must be one of {', '.join(choices)}, got {unknown[0]!r}"
+    if study.per_device_batches is None and (study.models or study.norms or study.seeds):
+        yield "study.models, norms and seeds are lists of the fused study: set study.per_device_batches too"
+    if study.per_device_batches is not None and study.per_device_batch is not None:
+        yield "study.per_device_batches (the fused study) and study.per_device_batch (one run of the per-run study): set one"
+
+
+def _problems(config: Config) -> Iterator[str]:
+    study, batch = config.study, config.train.global_batch_size
+    if study.max_real_ranks < 1:  # a value of its own, in an ordinary run too
+        yield f"study.max_real_ranks must be >= 1, got {study.max_real_ranks}"
+    yield from _list_problems(study)
+    key = "study.per_device_batches" if study.per_device_batches is not None else "study.per_device_batch"
+    batches = study.per_device_batches or ([study.per_device_batch] if study.per_device_batch is not None else [])
+    if not batches:
+        return
+    uneven = [b for b in batches if b < 1 or batch % b]
+    if uneven:
+        yield f"{key}={uneven[0]} must divide train.global_batch_size={batch}"
+    if config.dist.nproc != 1 or launched():
+        yield f"{key} sets the world size itself: leave dist.nproc at 1 and start it without torchrun"
+    if config.norm.ghost_slices is not None:
+        yield f"{key} sets norm.ghost_slices itself: leave it null"
+    if study.per_device_batches is not None and any(v is not None for v in asdict(config.sweep).values()):
+        yield "study.per_device_batches makes its jobs' members itself: leave sweep.* null"
+    if config.data.train_size is None or config.data.train_size % batch:
+        # A ragged end would leave the W real ranks uneven batches that W equal slices cannot emulate.
+        yield (f"the batch-size study needs data.train_size divisible by train.global_batch_size={batch}, "
+               f"so that every step splits into equal per-device batches; got {config.data.train_size}")
+    models, norms, _, _ = study_lists(config)
+    if "bn" in norms and "mlp" in models and 1 in batches:
+        yield "norm=bn with model=mlp normalizes over the per-device batch and needs 2 samples or more, got 1"
+
+
+def check(config: Config) -> None:
+    problem = next(_problems(config), None)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def plan(config: Config) -> Layout | None:
+    """The layout of a per-run study run, or None for any other run (``study.per_device_batch`` null)."""
+    check(config)
+    if config.study.per_device_batch is None:
+        return None
+    world_size = config.train.global_batch_size // config.study.per_device_batch
+    return Layout(config.study.per_device_batch, world_size,
+                  execution(world_size, config.norm.name, config.study.max_real_ranks))
+
+
+def _job(name: str, config: Config, world_size: int, norms: list[str], seeds: list[int],
+         rows: list[dict], bn_slices: list[int] | None = None) -> StudyJob:
+    job = replace(config, study=StudyConfig(max_real_ranks=config.study.max_real_ranks),
+                  sweep=SweepConfig(norms=norms, seeds=seeds, bn_slices=bn_slices),
+                  dist=replace(config.dist, nproc=world_size))
+    return StudyJob(name, job, world_size, rows)
+
+
+def fused_jobs(config: Config, model_configs: dict[str, Config]) -> list[StudyJob]:
+    """The fused study's jobs (``model_configs``: the study's config with each model chosen)."""
+    check(config)
+    models, norms, batches, seeds = study_lists(config)
+    batch, max_real = config.train.global_batch_size, config.study.max_real_ranks
+    jobs = []
+    for model in models:
+        model_config = model_configs[model]
+        layout = dict(model=model, epochs=config.train.epochs)
+        emulated = sorted({b for b in batches if batch // b == 1 or batch // b > max_real}, reverse=True)
+        rows = []
+        for b in emulated:
+            world_size = batch // b
+            for norm in norms:
+                for seed in seeds:
+                    member = dict(norm=norm, seed=seed, **({"bn_slice": b} if norm == "bn" else {}))
+                    rows.append(dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed,
+                                     execution=execution(world_size, norm, max_real), member=member))
+        if emulated:
+            slices = emulated if "bn" in norms else None
+            jobs.append(_job(f"{model}-w1", model_config, 1, norms, seeds, rows, slices))
+        for b in sorted({b for b in batches if 1 < batch // b <= max_real}, reverse=True):
+            rows = [dict(layout, norm=norm, per_device_batch=b, world_size=batch // b, seed=seed, execution="real",
+                         member=dict(norm=norm, seed=seed)) for norm in norms for seed in seeds]
+            jobs.append(_job(f"{model}-w{batch // b}", model_config, batch // b, norms, seeds, rows))
+    return jobs

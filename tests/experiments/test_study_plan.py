@@ -1,0 +1,167 @@
+"""How the batch-size study executes each per-device batch: one run's layout (the per-run study)
+and the fused study's jobs, and the studies that cannot work."""
+
+import json
+
+import pytest
+from app import compose_config
+
+from syncbn.experiments import study_plan
+from syncbn.training.config import Config, ConfigError
+
+
+def study_config(*overrides: str) -> Config:
+    return compose_config("+experiment=batch_size_study_per_run", *overrides)
+
+
+@pytest.mark.parametrize("norm,per_device_batch,max_real_ranks,world_size,execution,nproc,ghost_slices", [
+    ("syncbn", 64, 2, 1, "real", 1, None),
+    ("bn", 32, 2, 2, "real", 2, None),
+    ("bn", 16, 2, 4, "ghost", 1, 4),
+    ("bn", 2, 2, 32, "ghost", 1, 32),
+    ("bn", 16, 4, 4, "real", 4, None),
+    ("syncbn", 16, 2, 4, "one-process", 1, None),
+    ("layernorm", 2, 2, 32, "one-process", 1, None),
+    ("groupnorm", 8, 2, 8, "one-process", 1, None),
+    ("none", 4, 2, 16, "one-process", 1, None),
+])
+def test_a_per_device_batch_becomes_real_ranks_ghost_slices_or_one_process(
+        norm, per_device_batch, max_real_ranks, world_size, execution, nproc, ghost_slices):
+    config = study_config(f"norm={norm}", f"study.per_device_batch={per_device_batch}", f"study.max_real_ranks={max_real_ranks}")
+    layout = study_plan.plan(config)
+    assert layout == study_plan.Layout(per_device_batch, world_size, execution)
+    assert type(layout.world_size) is int
+    arranged = layout.apply(config)
+    assert (arranged.dist.nproc, arranged.norm.ghost_slices) == (nproc, ghost_slices)
+    assert arranged.train == config.train and arranged.model == config.model
+
+
+def test_an_ordinary_run_has_no_layout():
+    assert study_plan.plan(study_config("study.per_device_batch=null")) is None
+
+
+EQUAL_BATCHES = ("the batch-size study needs data.train_size divisible by train.global_batch_size=64, so that every "
+                 "step splits into equal per-device batches; got {}")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.per_device_batch=0"], "study.per_device_batch=0 must divide train.global_batch_size=64"),
+    (["study.per_device_batch=24"], "study.per_device_batch=24 must divide train.global_batch_size=64"),
+    (["study.max_real_ranks=0"], "study.max_real_ranks must be >= 1, got 0"),
+    (["study.max_real_ranks=0", "study.per_device_batch=null"], "study.max_real_ranks must be >= 1, got 0"),
+    (["dist.nproc=4"], "study.per_device_batch sets the world size itself: leave dist.nproc at 1 and start it without "
+                       "torchrun"),
+    (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batch sets norm.ghost_slices itself: leave it null"),
+    (["data.train_size=null"], EQUAL_BATCHES.format(None)),
+    (["data.train_size=3900"], EQUAL_BATCHES.format(3900)),
+    (["norm=bn", "study.per_device_batch=1"], "norm=bn with model=mlp normalizes over the per-device batch and needs 2 "
+                                               "samples or more, got 1"),
+])
+def test_layouts_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as refusal:
+        study_plan.plan(study_config(*overrides))
+    assert str(refusal.value) == message
+
+
+@pytest.mark.parametrize("overrides", [["study.max_real_ranks=1"], ["norm=bn", "study.per_device_batch=2"],
+                                       ["norm=bn", "model=cnn", "study.per_device_batch=1"],
+                                       ["norm=syncbn", "study.per_device_batch=1"], ["data.train_size=128"]])
+def test_layouts_at_the_limits_are_planned(overrides):
+    assert study_plan.plan(study_config(*overrides)) is not None
+
+
+def test_a_layout_is_saved_with_the_run_it_belongs_to(tmp_path):
+    config = study_config("norm=groupnorm", "seed=3", "train.epochs=7", "model=cnn")
+    path = study_plan.Layout(8, 8, "one-process").save(config, tmp_path)
+    assert path.read_text().endswith("\n") and json.loads(path.read_text()) == dict(
+        norm="groupnorm", model="cnn", seed=3, epochs=7, per_device_batch=8, world_size=8, execution="one-process")
+
+
+def fused_config(*overrides: str) -> Config:
+    return compose_config("+experiment=batch_size_study", *overrides)
+
+
+def jobs_of(*overrides: str) -> list[study_plan.StudyJob]:
+    """The fused study's jobs, each model's config composed with the same overrides, as the app does."""
+    config = fused_config(*overrides)
+    models = {model: fused_config(*overrides, f"model={model}") for model in study_plan.study_lists(config)[0]}
+    return study_plan.fused_jobs(config, models)
+
+
+def test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_batch_and_seed_once():
+    from syncbn.training.config import members
+
+    jobs = jobs_of()
+    assert [(job.name, job.world_size, job.config.dist.nproc, job.config.model.name) for job in jobs] == [
+        ("mlp-w1", 1, 1, "mlp"), ("mlp-w2", 2, 2, "mlp"), ("cnn-w1", 1, 1, "cnn"), ("cnn-w2", 2, 2, "cnn")]
+    rows = [row for job in jobs for row in job.rows]
+    keys = [(r["model"], r["norm"], r["per_device_batch"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 180
+    for job in jobs:
+        assert job.config.study.per_device_batches is None and job.config.model.hidden == compose_config(
+            f"model={job.config.model.name}").model.hidden
+        names = [member.record() for member in members(job.config)]
+        assert all({k: v for k, v in name.items() if k != "weight_scale"} in [r["member"] for r in job.rows] for name in names)
+        assert all(r["member"] in [{k: v for k, v in n.items() if k != "weight_scale"} for n in names] for r in job.rows)
+    w1 = jobs[0]
+    assert w1.config.sweep.bn_slices == [64, 16, 8, 4, 2] and len(members(w1.config)) == 4 * 3 + 5 * 3
+    assert len(members(jobs[1].config)) == 5 * 3 and jobs[1].config.sweep.bn_slices is None
+    execution = {(r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"]) for r in rows if r["model"] == "cnn"}
+    assert execution[("bn", 64)] == (1, "real") and execution[("bn", 32)] == (2, "real")
+    assert execution[("bn", 16)] == (4, "ghost") and execution[("syncbn", 2)] == (32, "one-process")
+    assert execution[("syncbn", 32)] == (2, "real")
+
+
+@pytest.mark.parametrize("overrides,jobs,slices", [
+    (["study.max_real_ranks=4", "study.models=[mlp]"], ["mlp-w1", "mlp-w2", "mlp-w4"], [64, 8, 4, 2]),
+    (["study.per_device_batches=[32]", "study.models=[cnn]"], ["cnn-w2"], None),
+    (["study.per_device_batches=[64]", "study.models=[cnn]", "study.norms=[bn]"], ["cnn-w1"], [64]),
+    (["study.norms=[syncbn,none]", "study.models=[mlp]"], ["mlp-w1", "mlp-w2"], None),
+    (["study.max_real_ranks=32", "study.models=[mlp]", "study.per_device_batches=[64,2]"], ["mlp-w1", "mlp-w32"], [64]),
+])
+def test_real_world_sizes_get_a_job_each_and_the_rest_is_emulated_in_the_w1_job(overrides, jobs, slices):
+    planned = jobs_of(*overrides)
+    assert [job.name for job in planned] == jobs
+    assert planned[0].config.sweep.bn_slices == slices
+
+
+def test_a_study_job_is_saved_with_its_rows_and_epochs(tmp_path):
+    job = jobs_of("study.models=[mlp]", "study.per_device_batches=[4]", "study.norms=[bn]", "study.seeds=[5]",
+                  "train.epochs=3")[0]
+    assert job.save(tmp_path) == tmp_path / study_plan.LAYOUT_FILE
+    assert json.loads((tmp_path / study_plan.LAYOUT_FILE).read_text()) == dict(epochs=3, rows=[dict(
+        model="mlp", epochs=3, norm="bn", per_device_batch=4, world_size=16, seed=5, execution="ghost",
+        member=dict(norm="bn", seed=5, bn_slice=4))])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.per_device_batches=[]"], "study.per_device_batches must list at least one value, or be null, got []"),
+    (["study.seeds=[0,0]"], "study.seeds lists a value twice: [0, 0]"),
+    (["study.models=[mlp,vit]"], "study.models: each must be one of mlp, cnn, got 'vit'"),
+    (["study.norms=[bn,rms]"], "study.norms: each must be one of syncbn, bn, none, layernorm, groupnorm, got 'rms'"),
+    (["study.per_device_batches=[64,24]"], "study.per_device_batches=24 must divide train.global_batch_size=64"),
+    (["study.per_device_batches=[0]"], "study.per_device_batches=0 must divide train.global_batch_size=64"),
+    (["study.per_device_batch=32"], "study.per_device_batches (the fused study) and study.per_device_batch (one run of "
+                                    "the per-run study): set one"),
+    (["study.per_device_batches=null"], "study.models, norms and seeds are lists of the fused study: set "
+                                        "study.per_device_batches too"),
+    (["dist.nproc=2"], "study.per_device_batches sets the world size itself: leave dist.nproc at 1 and start it "
+                       "without torchrun"),
+    (["sweep.seeds=[1]"], "study.per_device_batches makes its jobs' members itself: leave sweep.* null"),
+    (["norm=bn", "norm.ghost_slices=2"], "study.per_device_batches sets norm.ghost_slices itself: leave it null"),
+    (["data.train_size=100"], EQUAL_BATCHES.format(100)),
+    (["study.per_device_batches=[2,1]"], "norm=bn with model=mlp normalizes over the per-device batch and needs 2 "
+                                         "samples or more, got 1"),
+])
+def test_fused_studies_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as refusal:
+        study_plan.check(fused_config(*overrides))
+    assert str(refusal.value) == message
+
+
+@pytest.mark.parametrize("overrides", [["study.per_device_batches=[2,1]", "study.models=[cnn]"],
+                                       ["study.per_device_batches=[2,1]", "study.norms=[syncbn]"],
+                                       ["study.models=null", "study.norms=null", "study.seeds=null"]])
+def test_fused_studies_at_the_limits_are_planned(overrides):
+    study_plan.check(fused_config(*overrides))
+    assert jobs_of(*overrides)
