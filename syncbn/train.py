@@ -8,7 +8,8 @@
     python -m syncbn.train +experiment=weight_scale_sweep dist.nproc=2       # the sweep, as one job
     python -m syncbn.train +experiment=weight_scale_sweep 'sweep.seeds=[0,1,2]'
     python -m syncbn.train -m +experiment=weight_scale_sweep_per_run dist.nproc=2   # a job per network
-    python -m syncbn.train -m +experiment=batch_size_study    # per-device batch 64 ... 2, five norms
+    python -m syncbn.train +experiment=batch_size_study       # per-device batch 64 ... 2, five norms, 4 fused jobs
+    python -m syncbn.train -m +experiment=batch_size_study_per_run   # the same study, a run per row
     python -m syncbn.train hydra.run.dir=outputs/run1 dist.nproc=2 dist.max_restarts=2   # resumable
     python -m syncbn.train train.dtype=float64 dist.nproc=4   # float64: the same metrics at every world size
     python -m syncbn.train train.compile=true dist.nproc=2    # torch.compile the network, then DDP

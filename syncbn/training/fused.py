@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.batchnorm import GhostBatchNorm
@@ -19,19 +20,35 @@ from syncbn.training.models import make_norm
 
 class SliceBatchNorm(GhostBatchNorm):
     """Per-rank BatchNorm of ranks that hold ``size`` samples, in one process: each slice of ``size``
-    samples of the batch (``GhostBatchNorm``'s interleaved slices, rank r's share) is normalized on
-    its own, however many slices the batch holds."""
+    samples of the batch (``GhostBatchNorm``'s interleaved slices: samples r, r + S, r + 2S ... of S
+    slices, rank r's share) is normalized on its own, however many slices the batch holds.
+
+    The S slices are normalized in one call, as S x C channels of a batch of ``size``: the batch
+    viewed as ``[size, S, C, ...]`` holds slice r at ``[:, r]``. Slicing the batch S times instead
+    would cost S full-size gradient buffers in backward. The running statistics follow slice 0, as
+    GhostBatchNorm's do."""
 
     def __init__(self, num_features: int, size: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, 1, eps=eps, momentum=momentum)
         self.size = size
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            if input.size(0) % self.size:
-                raise ValueError(f"slices of {self.size} samples need a batch divisible by {self.size}, got {input.size(0)}")
-            self.slices = max(input.size(0) // self.size, 1)  # an empty rank's batch: one empty slice
-        return super().forward(input)
+        if not self.training:
+            return super().forward(input)
+        if input.size(0) % self.size:
+            raise ValueError(f"slices of {self.size} samples need a batch divisible by {self.size}, got {input.size(0)}")
+        slices = input.size(0) // self.size
+        if slices <= 1:  # one slice (or an empty rank's batch): plain BatchNorm
+            return super().forward(input)
+        self._check_input_dim(input)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        channels = input.reshape(self.size, slices * self.num_features, *input.shape[2:])
+        with torch.no_grad():  # slice 0's statistics into the running ones
+            F.batch_norm(channels[:, : self.num_features], self.running_mean, self.running_var, None, None, True,
+                         momentum, self.eps)
+        weight, bias = (None if t is None else t.repeat(slices) for t in (self.weight, self.bias))
+        return F.batch_norm(channels, None, None, weight, bias, True, 0.0, self.eps).view_as(input)
 
 
 def block_norm(norm: NormConfig, count: int, width: int, images: bool, bn_slice: int | None) -> nn.Module:
@@ -126,5 +143,6 @@ class FusedMembers(nn.Module):
         if len(self.blocks) == 1:
             return norms[0](h)
         per_member = h.size(dim) // len(self.members)
-        return torch.cat([norm(h.narrow(dim, start * per_member, (stop - start) * per_member))
-                          for norm, (*_, start, stop) in zip(norms, self.blocks)], dim=dim)
+        # split, not narrow: its backward is one cat, where each narrow's fills a full-size gradient
+        parts = h.split([(stop - start) * per_member for *_, start, stop in self.blocks], dim=dim)
+        return torch.cat([norm(part) for norm, part in zip(norms, parts)], dim=dim)

@@ -112,7 +112,7 @@ class MemberCNN(FusedMembers):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = images
         for layer, conv in enumerate(self.convs):
-            h = F.max_pool2d(F.relu(self.normalize(layer, conv(h), dim=1)), 2)
+            h = F.relu(F.max_pool2d(self.normalize(layer, conv(h), dim=1), 2))  # = pool(relu(.)), on 1/4 the values
             if self.dropout:
                 h = F.dropout(h, self.dropout, self.training)
         features = h.reshape(h.size(0), len(self.members), -1).transpose(0, 1)
