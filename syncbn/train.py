@@ -182,9 +182,9 @@ class Job:
 
 
 def with_model(cfg: DictConfig, model: str) -> Config:
-    """The command's config with ``model`` chosen instead: the user's overrides, the model's group."""
-    overrides = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") != "model"]
-    return to_config(hydra.compose("config", overrides=[*overrides, f"model={model}"]))
+    """The command's config with ``model`` chosen instead: the user's overrides, then the model's
+    group (of two choices of a group, Hydra takes the later)."""
+    return to_config(hydra.compose("config", overrides=[*HydraConfig.get().overrides.task, f"model={model}"]))
 
 
 def plan_jobs(cfg: DictConfig, config: Config, run_dir: Path) -> tuple[list[Job], Callable[[Path], list[dict]] | None]:

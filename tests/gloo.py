@@ -41,6 +41,7 @@ def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, conn) -
                 conn.send(("error", traceback.format_exc()))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # done: the interpreter's teardown of torch would only make the session wait for it
 
 
 class GlooGroup:

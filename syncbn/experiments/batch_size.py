@@ -39,8 +39,7 @@ def epochs_to_reach(records: list[dict], accuracy: float = TARGET_TRAIN_ACC) -> 
 
 def _is_member(record: dict, member: dict | None) -> bool:
     """``record`` is the member's (a per-run study run's records are all its one member's)."""
-    return member is None or all(record.get(key) == value for key, value in member.items()) and (
-        "bn_slice" in member or "bn_slice" not in record)
+    return member is None or all(record.get(key) == value for key, value in member.items())
 
 
 def run_rows(run_dir: Path) -> list[dict] | None:

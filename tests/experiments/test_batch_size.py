@@ -64,9 +64,11 @@ def test_the_fused_study_gives_the_per_run_studys_rows_and_writes_the_csv_and_th
     """2 per-device batches (32: 2 real ranks; 4: 16 emulated), 1 seed, 1 epoch, both models, in
     float64 so that fused and per-run, real ranks and one process can be held to the same numbers."""
     fused, per_run = tmp_path / "fused", tmp_path / "per-run"
-    run([sys.executable, "-m", "syncbn.train", "+experiment=batch_size_study", "study.per_device_batches=[32,4]",
-         "study.seeds=[0]", "study.norms=[syncbn,bn]", *TINY, f"hydra.run.dir={fused}"], timeout=240)
-    run([sys.executable, "-m", "syncbn.train", "-m", "+experiment=batch_size_study_per_run", "study.per_device_batch=32,4",
+    study = [sys.executable, "-m", "syncbn.train", "+experiment=batch_size_study", "study.per_device_batches=[32,4]",
+             "study.seeds=[0]", "study.norms=[syncbn,bn]", *TINY, f"hydra.run.dir={fused}"]
+    run(study, timeout=240)
+    assert run(study, timeout=240).stderr.endswith(f"{fused} holds the 4 finished jobs of the study: nothing to train\n")
+    run([sys.executable, "-m", "syncbn.train", "-m", "+experiment=batch_size_study_per_run", "study.per_device_batch=4",
          "seed=0", "norm=syncbn,bn", *TINY, f"hydra.sweep.dir={per_run}"], timeout=240)
 
     rows = read_rows(fused / "batch_study.csv")
@@ -82,10 +84,12 @@ def test_the_fused_study_gives_the_per_run_studys_rows_and_writes_the_csv_and_th
     assert all(0 <= float(r["final_test_acc"]) <= 1 and float(r["final_train_loss"]) > 0 for r in rows)
 
     # In float64 the fused members and the per-run runs differ by summation order only (~1e-16):
-    # predictions agree, losses to 1e-9; so do SyncBN's 2 real ranks and one process.
+    # predictions agree, losses to 1e-9; so do SyncBN's 2 real ranks and one process. The per-run
+    # reference runs the emulated rows (b = 4): the fused W = 2 jobs are real ranks, as its runs are.
     reference = read_rows(per_run / "batch_study.csv")
-    assert [r["execution"] for r in reference] == [r["execution"] for r in rows]
-    for mine, theirs in zip(rows, reference, strict=True):
+    emulated = [r for r in rows if r["per_device_batch"] == "4"]
+    assert [r["execution"] for r in reference] == [r["execution"] for r in emulated] == ["one-process", "ghost"] * 2
+    for mine, theirs in zip(emulated, reference, strict=True):
         key = ("model", "norm", "per_device_batch", "world_size", "seed", "epochs", "final_train_acc", "final_test_acc")
         assert [mine[k] for k in key] == [theirs[k] for k in key]
         assert float(mine["final_train_loss"]) == pytest.approx(float(theirs["final_train_loss"]), rel=1e-9)
@@ -181,3 +185,26 @@ def test_help_says_what_the_command_does_and_what_it_takes(capsys):
         "usage: syncbn.experiments.batch_size [-h] sweep_dir Redraw a batch-size study's batch_study.csv and batch_study.png. "
         "positional arguments: sweep_dir the study's sweep directory (multirun/batch_size_study/...) options: -h, "
         "--help show this help message and exit")
+
+
+def test_a_fused_jobs_rows_are_its_members_final_epochs_each_with_its_share_of_the_jobs_time(tmp_path):
+    """Two per-rank BN members told apart by their slices and a syncbn member giving two rows; the
+    job took 2 + 4 s, so each of its 3 members' rows is 2 s; a member still training holds it back."""
+    rows = [dict(model="cnn", epochs=2, norm="bn", per_device_batch=b, world_size=64 // b, seed=0, execution="ghost",
+                 member=dict(norm="bn", seed=0, bn_slice=b)) for b in (8, 4)]
+    rows += [dict(model="cnn", epochs=2, norm="syncbn", per_device_batch=b, world_size=64 // b, seed=0,
+                  execution="one-process", member=dict(norm="syncbn", seed=0)) for b in (8, 4)]
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps(dict(epochs=2, rows=rows)))
+    accuracy = {8: 0.5, 4: 0.25, None: 0.75}
+    records = [dict(norm=norm, seed=0, **({"bn_slice": b} if b else {}), epoch=epoch, train_acc=accuracy[b] + epoch / 10,
+                    test_acc=accuracy[b], train_loss=1.0, diverged=False, seconds=2.0 * epoch)
+               for epoch in (1, 2) for norm, b in (("bn", 8), ("bn", 4), ("syncbn", None))]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    assert batch_size.run_rows(tmp_path) is None, "the syncbn member has not finished epoch 2"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    found = batch_size.run_rows(tmp_path)
+    assert [(r["norm"], r["per_device_batch"], r["final_test_acc"], r["final_train_acc"], r["epochs"], r["seconds"])
+            for r in found] == [("bn", 8, 0.5, 0.7, 2, 2.0), ("bn", 4, 0.25, 0.45, 2, 2.0),
+                                ("syncbn", 8, 0.75, 0.95, 2, 2.0), ("syncbn", 4, 0.75, 0.95, 2, 2.0)]
+    assert all("member" not in r for r in found)

@@ -364,11 +364,18 @@ def member_states(model) -> list[dict]:
     return [model.member_network(index).state_dict() for index in range(len(model.members))]
 
 
-@pytest.mark.parametrize("frozen", [[3], [0, 5], [2, 3, 4]])
-def test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_else_does(frozen):
-    """Members laid out in three norm blocks (layernorm 0-1, bn 2-3, none 4-5): a diverged member in a
-    later block is held by its row within that block's tensors, and only it."""
-    config = compose_config("sweep.norms=[layernorm,bn,none]", "sweep.weight_scales=[0.1,0.02]", "model.hidden=[20,30]",
+BLOCKS = {  # layernorm 0-1, bn 2-3, none 4-5; the CNN's bn in two blocks of slices, 2-3 and 4-5, none 6-7
+    "mlp": ("model.hidden=[20,30]",),
+    "cnn": ("model=cnn", "model.hidden=[4,6]", "sweep.bn_slices=[4,2]"),
+}
+
+
+@pytest.mark.parametrize("model,frozen", [("mlp", [3]), ("mlp", [0, 5]), ("mlp", [2, 3, 4]), ("cnn", [3]),
+                                          ("cnn", [0, 5]), ("cnn", [2, 4, 5, 7])])
+def test_frozen_members_get_back_their_own_rows_in_every_norm_block_and_no_one_else_does(model, frozen):
+    """Members laid out in norm blocks: a diverged member in a later block is held by its row within
+    that block's tensors, and only it; in the CNN too, with blocks of per-rank BN slices."""
+    config = compose_config("sweep.norms=[layernorm,bn,none]", "sweep.weight_scales=[0.1,0.02]", *BLOCKS[model],
                             "train.dtype=float64")
     model = build_network(config)
     before = member_states(model)
