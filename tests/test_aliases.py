@@ -1,13 +1,12 @@
 """``syncbn.plot`` and ``syncbn.study``, the experiments' first names, kept for the scripts and
 Hydra configs that use them: the same commands and callbacks under the old names."""
 
-import subprocess
+import runpy
 import sys
 
 import pytest
 from hydra.utils import get_class
 
-from app import ROOT
 from syncbn.experiments import batch_size, weight_scale
 
 OLD_NAMES = [("plot", weight_scale, "SweepSummary", "no metrics.jsonl under"),
@@ -15,11 +14,15 @@ OLD_NAMES = [("plot", weight_scale, "SweepSummary", "no metrics.jsonl under"),
 
 
 @pytest.mark.parametrize("old,new,callback,refusal", OLD_NAMES, ids=["plot", "study"])
-def test_the_old_command_runs_the_experiments_command_under_its_old_name(old, new, callback, refusal, tmp_path):
-    result = subprocess.run([sys.executable, "-m", f"syncbn.{old}", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr.startswith(f"syncbn.{old}: error: {refusal} {tmp_path}")
+def test_the_old_command_runs_the_experiments_command_under_its_old_name(old, new, callback, refusal, tmp_path,
+                                                                          monkeypatch, capsys):
+    """``python -m syncbn.OLD DIR``, run as ``-m`` runs it (the module as ``__main__``), in this process."""
+    monkeypatch.setattr(sys, "argv", [f"syncbn.{old}", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"syncbn.{old}", run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    assert (exit_.value.code, out) == (1, "")
+    assert err.startswith(f"syncbn.{old}: error: {refusal} {tmp_path}")
 
 
 @pytest.mark.parametrize("old,new,callback,refusal", OLD_NAMES, ids=["plot", "study"])
