@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -105,6 +106,15 @@ def test_the_fused_study_gives_the_per_run_studys_rows_and_writes_the_csv_and_th
     (fused / "batch_study.csv").unlink()
     batch_size.main([str(fused)])
     assert (fused / "batch_study.csv").read_text() == before
+
+    # Stopped before one of its jobs, the same command trains that job alone: the same rows, bit for
+    # bit (the same world sizes and threads), but the job's time.
+    shutil.rmtree(fused / "mlp-w2")
+    finished = {path: path.stat().st_mtime_ns for path in fused.glob("*/metrics.jsonl")}
+    run(study, timeout=240)
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished, "the finished jobs are not trained again"
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_rows(fused / "batch_study.csv")] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
 def study_row(model: str, norm: str, batch: int, seed: int, accuracy: float) -> dict:
