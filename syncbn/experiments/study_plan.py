@@ -63,8 +63,11 @@ class StudyJob:
 
     name: str
     config: Config
-    world_size: int
     rows: list[dict] = field(default_factory=list)  # the CSV's layout columns, and "member": its record's names
+
+    @property
+    def world_size(self) -> int:
+        return self.config.dist.nproc
 
     def save(self, run_dir: Path) -> Path:
         path = run_dir / LAYOUT_FILE
@@ -145,7 +148,7 @@ def _job(name: str, config: Config, world_size: int, norms: list[str], seeds: li
     job = replace(config, study=StudyConfig(max_real_ranks=config.study.max_real_ranks),
                   sweep=SweepConfig(norms=norms, seeds=seeds, bn_slices=bn_slices),
                   dist=replace(config.dist, nproc=world_size))
-    return StudyJob(name, job, world_size, rows)
+    return StudyJob(name, job, rows)
 
 
 def fused_jobs(config: Config, model_configs: dict[str, Config]) -> list[StudyJob]:
