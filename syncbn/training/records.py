@@ -25,6 +25,12 @@ class MetricsLog:
                 f.write("".join(json.dumps(record) + "\n" for record in records))
 
 
+def _name(record: dict) -> str:
+    """A member as its records name it: norm (and slice size), weight scale, seed."""
+    slice_ = f" slice {record['bn_slice']}" if "bn_slice" in record else ""
+    return f"{record['norm']}{slice_} scale {record['weight_scale']:.3g} seed {record['seed']}"
+
+
 def epoch_summary(records: list[dict], epochs: int) -> str:
     """One line for an epoch of many members: accuracy ranges, and who diverged."""
     training = [r for r in records if not r["diverged"]]
@@ -33,7 +39,7 @@ def epoch_summary(records: list[dict], epochs: int) -> str:
         values = sorted(r[key] for r in training)
         if values:
             line += f"  {key} {values[0]:.3f}-{values[-1]:.3f} (median {values[len(values) // 2]:.3f})"
-    diverged = [f"{r['norm']} scale {r['weight_scale']:.3g} seed {r['seed']}" for r in records if r["diverged"]]
+    diverged = [_name(r) for r in records if r["diverged"]]
     if diverged:
         line += f"  diverged, frozen: {', '.join(diverged)}"
     return line + f"  ({records[0]['seconds']:.2f}s)"
