@@ -175,3 +175,10 @@ def test_slices_of_a_batch_they_do_not_divide_are_refused_and_an_empty_batch_is_
     torch.testing.assert_close(layer(empty), reference(empty))
     assert torch.equal(layer.running_mean, reference.running_mean) and layer.num_batches_tracked == 1
     assert layer.eval()(torch.rand(6, 3)).shape == (6, 3), "eval normalizes with the running statistics, any batch"
+
+
+@pytest.mark.parametrize("shape,message", [((4,), r"expects input of shape \(N, C, \*\) with at least 2 dimensions"),
+                                           ((4, 5), r"^SliceBatchNorm\(3\) expects 3 channels in dim 1")])
+def test_slices_check_the_input_as_batchnorm_does_before_they_normalize_it(shape, message):
+    with pytest.raises(ValueError, match=message):
+        SliceBatchNorm(3, 2)(torch.rand(shape))
