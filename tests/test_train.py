@@ -17,6 +17,7 @@ import stress_teardown
 from app import ROOT, cli, free_port, live_processes, read_metrics, run, strip
 
 from syncbn.experiments.weight_scale import SUMMARY_COLUMNS
+from syncbn.training import checkpoint
 from syncbn.experiments.weight_scale import main as plot_main
 
 METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
@@ -145,7 +146,8 @@ def test_an_interrupted_run_stops_every_process_with_one_line(tmp_path, how, sig
     stderr = process.communicate(timeout=60)[1]
     run_dir = tmp_path / "0" if "-m" in how else tmp_path
     assert process.returncode == status, stderr
-    progress = torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]
+    # A signal that lands between save's two renames leaves checkpoint.prev.pt as the newest.
+    progress = torch.load(checkpoint.newest(run_dir), weights_only=True)["progress"]
     assert stderr.splitlines() == [
         f"syncbn.train: interrupted by {signal.Signals(signum).name} at epoch {progress['epoch']}, "
         f"step {progress['step']} (the last checkpoint); run the same command to resume from {run_dir}"]
