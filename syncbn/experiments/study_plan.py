@@ -8,10 +8,12 @@ own (``ghost``: GhostBatchNorm's slices, proven equal to real ranks), and every 
 at W ranks what it gives on the global batch (``one-process``): synchronized BN *is* BatchNorm
 over the global batch, and LayerNorm, GroupNorm and no norm work per sample.
 
-The fused study trains, for each model, one job at W = 1 whose members are every norm and seed,
-per-rank BN once per per-device batch it emulates (``sweep.bn_slices``), and one job at each real
-W > 1 whose members are every norm and seed. Each job's directory gets ``study.json``: the CSV
-rows it gives and which member computes each.
+The fused study trains, for each model, one job at each real W > 1 whose members are the norms
+that involve the other ranks (synchronized and per-rank BN) and every seed, and one job at W = 1
+for every other row: every norm and seed, and per-rank BN once per per-device batch it emulates
+(``sweep.bn_slices``). LayerNorm, GroupNorm and no norm compute at W = 2 what they compute at
+W = 1, so real ranks would only repeat them; the per-run study (the reference) still runs them
+there. Each job's directory gets ``study.json``: the CSV rows it gives and which member computes each.
 """
 
 from __future__ import annotations
@@ -151,29 +153,50 @@ def _job(name: str, config: Config, world_size: int, norms: list[str], seeds: li
     return StudyJob(name, job, rows)
 
 
+RANK_NORMS = ("syncbn", "bn")  # the norms whose computation involves the other ranks
+
+
+def _emulated_row(layout: dict, norm: str, b: int, seed: int, batch: int, norms: list[str]) -> dict:
+    """A row the W = 1 job gives. Per-rank BN over the whole batch (W = 1) is synchronized BN at
+    W = 1, the same ``F.batch_norm`` call: a syncbn member, where the job has one, gives both rows."""
+    world_size = batch // b
+    if norm != "bn":
+        member = dict(norm=norm, seed=seed)
+    elif world_size == 1 and "syncbn" in norms:
+        member = dict(norm="syncbn", seed=seed)
+    else:
+        member = dict(norm="bn", seed=seed, bn_slice=b)
+    execution = "real" if world_size == 1 else "ghost" if norm == "bn" else "one-process"
+    return dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed, execution=execution,
+                member=member)
+
+
+def _w1_job(name: str, config: Config, seeds: list[int], rows: list[dict]) -> StudyJob:
+    """The W = 1 job training the members ``rows`` name."""
+    norms = list(dict.fromkeys(row["member"]["norm"] for row in rows))
+    slices = sorted({row["member"]["bn_slice"] for row in rows if "bn_slice" in row["member"]}, reverse=True)
+    return _job(name, config, 1, norms, seeds, rows, slices or None)
+
+
 def fused_jobs(config: Config, model_configs: dict[str, Config]) -> list[StudyJob]:
-    """The fused study's jobs (``model_configs``: the study's config with each model chosen)."""
+    """The fused study's jobs (``model_configs``: the study's config with each model chosen): per
+    model, real ranks for the norms that involve them at each W up to ``study.max_real_ranks``,
+    and one job at W = 1 for every other row."""
     check(config)
     models, norms, batches, seeds = study_lists(config)
     batch, max_real = config.train.global_batch_size, config.study.max_real_ranks
+    on_ranks = [norm for norm in norms if norm in RANK_NORMS]
+    real_sizes = sorted({batch // b for b in batches if 1 < batch // b <= max_real})
     jobs = []
     for model in models:
         model_config = model_configs[model]
         layout = dict(model=model, epochs=config.train.epochs)
-        emulated = sorted({b for b in batches if batch // b == 1 or batch // b > max_real}, reverse=True)
-        rows = []
-        for b in emulated:
-            world_size = batch // b
-            for norm in norms:
-                for seed in seeds:
-                    member = dict(norm=norm, seed=seed, **({"bn_slice": b} if norm == "bn" else {}))
-                    rows.append(dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed,
-                                     execution=execution(world_size, norm, max_real), member=member))
+        emulated = [_emulated_row(layout, norm, b, seed, batch, norms) for b in sorted(batches, reverse=True)
+                    for norm in norms for seed in seeds if not (norm in on_ranks and batch // b in real_sizes)]
         if emulated:
-            slices = emulated if "bn" in norms else None
-            jobs.append(_job(f"{model}-w1", model_config, 1, norms, seeds, rows, slices))
-        for b in sorted({b for b in batches if 1 < batch // b <= max_real}, reverse=True):
-            rows = [dict(layout, norm=norm, per_device_batch=b, world_size=batch // b, seed=seed, execution="real",
-                         member=dict(norm=norm, seed=seed)) for norm in norms for seed in seeds]
-            jobs.append(_job(f"{model}-w{batch // b}", model_config, batch // b, norms, seeds, rows))
+            jobs.append(_w1_job(f"{model}-w1", model_config, seeds, emulated))
+        for world_size in real_sizes if on_ranks else []:
+            rows = [dict(layout, norm=norm, per_device_batch=batch // world_size, world_size=world_size, seed=seed,
+                         execution="real", member=dict(norm=norm, seed=seed)) for norm in on_ranks for seed in seeds]
+            jobs.append(_job(f"{model}-w{world_size}", model_config, world_size, on_ranks, seeds, rows))
     return jobs

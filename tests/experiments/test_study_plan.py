@@ -104,20 +104,31 @@ def test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_bat
         assert all({k: v for k, v in name.items() if k != "weight_scale"} in [r["member"] for r in job.rows] for name in names)
         assert all(r["member"] in [{k: v for k, v in n.items() if k != "weight_scale"} for n in names] for r in job.rows)
     w1 = jobs[0]
-    assert w1.config.sweep.bn_slices == [64, 16, 8, 4, 2] and len(members(w1.config)) == 4 * 3 + 5 * 3
-    assert len(members(jobs[1].config)) == 5 * 3 and jobs[1].config.sweep.bn_slices is None
-    execution = {(r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"]) for r in rows if r["model"] == "cnn"}
-    assert execution[("bn", 64)] == (1, "real") and execution[("bn", 32)] == (2, "real")
-    assert execution[("bn", 16)] == (4, "ghost") and execution[("syncbn", 2)] == (32, "one-process")
-    assert execution[("syncbn", 32)] == (2, "real")
+    assert w1.config.sweep.norms == ["syncbn", "layernorm", "groupnorm", "none", "bn"]
+    assert w1.config.sweep.bn_slices == [16, 8, 4, 2] and len(members(w1.config)) == 4 * 3 + 4 * 3
+    assert jobs[1].config.sweep.norms == ["syncbn", "bn"] and jobs[1].config.sweep.bn_slices is None
+    assert len(members(jobs[1].config)) == 2 * 3
+    cnn = {(r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"], r["member"])
+           for r in jobs[2].rows + jobs[3].rows if r["seed"] == 1}
+    assert cnn[("bn", 64)] == (1, "real", dict(norm="syncbn", seed=1)), "per-rank BN at W = 1 is syncbn at W = 1"
+    assert cnn[("bn", 32)] == (2, "real", dict(norm="bn", seed=1)) and jobs[3].rows[3]["member"] == dict(norm="bn", seed=0)
+    assert cnn[("bn", 16)] == (4, "ghost", dict(norm="bn", seed=1, bn_slice=16))
+    assert cnn[("syncbn", 2)] == (32, "one-process", dict(norm="syncbn", seed=1))
+    assert cnn[("syncbn", 32)] == (2, "real", dict(norm="syncbn", seed=1))
+    assert cnn[("layernorm", 32)] == (2, "one-process", dict(norm="layernorm", seed=1)), "real ranks would repeat it"
+    assert cnn[("none", 64)] == (1, "real", dict(norm="none", seed=1))
 
 
 @pytest.mark.parametrize("overrides,jobs,slices", [
-    (["study.max_real_ranks=4", "study.models=[mlp]"], ["mlp-w1", "mlp-w2", "mlp-w4"], [64, 8, 4, 2]),
-    (["study.per_device_batches=[32]", "study.models=[cnn]"], ["cnn-w2"], None),
+    (["study.max_real_ranks=4", "study.models=[mlp]"], ["mlp-w1", "mlp-w2", "mlp-w4"], [8, 4, 2]),
+    (["study.per_device_batches=[32]", "study.models=[cnn]", "study.norms=[bn,syncbn]"], ["cnn-w2"], None),
+    (["study.per_device_batches=[32]", "study.models=[cnn]"], ["cnn-w1", "cnn-w2"], None),
+    (["study.per_device_batches=[32]", "study.models=[cnn]", "study.norms=[none,layernorm]"], ["cnn-w1"], None),
     (["study.per_device_batches=[64]", "study.models=[cnn]", "study.norms=[bn]"], ["cnn-w1"], [64]),
+    (["study.per_device_batches=[64,8]", "study.models=[cnn]", "study.norms=[bn,syncbn]"], ["cnn-w1"], [8]),
     (["study.norms=[syncbn,none]", "study.models=[mlp]"], ["mlp-w1", "mlp-w2"], None),
-    (["study.max_real_ranks=32", "study.models=[mlp]", "study.per_device_batches=[64,2]"], ["mlp-w1", "mlp-w32"], [64]),
+    (["study.max_real_ranks=1", "study.models=[mlp]"], ["mlp-w1"], [32, 16, 8, 4, 2]),
+    (["study.max_real_ranks=32", "study.models=[mlp]", "study.per_device_batches=[64,2]"], ["mlp-w1", "mlp-w32"], None),
 ])
 def test_real_world_sizes_get_a_job_each_and_the_rest_is_emulated_in_the_w1_job(overrides, jobs, slices):
     planned = jobs_of(*overrides)
