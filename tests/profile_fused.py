@@ -1,6 +1,6 @@
 """Where a fused job's training step and evaluation spend their time (docs/performance.md):
 
-    python tests/profile_fused.py cnn      # the batch-size study's cnn-w1 job: 27 members
+    python tests/profile_fused.py cnn      # the batch-size study's cnn-w1 job: 24 members
     python tests/profile_fused.py mlp
 
 The model is the W = 1 job's of ``+experiment=batch_size_study``; the step is SGD on a random batch
@@ -19,16 +19,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from app import compose_config  # noqa: E402
 
+from syncbn.experiments import study_plan  # noqa: E402
 from syncbn.training.members import build_network  # noqa: E402
 
-JOB = ("+experiment=batch_size_study", "study.per_device_batches=null", "study.models=null", "study.norms=null",
-       "study.seeds=null", "sweep.norms=[syncbn,bn,layernorm,groupnorm,none]", "sweep.bn_slices=[64,16,8,4,2]",
-       "sweep.seeds=[0,1,2]")
+def w1_job(model: str):
+    """The config of ``+experiment=batch_size_study``'s W = 1 job of ``model``."""
+    study = ("+experiment=batch_size_study", f"study.models=[{model}]")
+    return study_plan.fused_jobs(compose_config(*study), {model: compose_config(*study, f"model={model}")})[0].config
 
 
 def main(model: str) -> None:
     torch.set_num_threads(2)
-    network = build_network(compose_config(*JOB, f"model={model}"))
+    network = build_network(w1_job(model))
     images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
 

@@ -14,7 +14,7 @@ from app import compose_config
 from syncbn import GhostBatchNorm
 from syncbn.training.config import members
 from syncbn.training.fused import SliceBatchNorm
-from syncbn.training.members import MemberCNN, MemberMLP, build_network
+from syncbn.training.members import MemberCNN, MemberMLP, build_network, max_pool2x2
 from syncbn.training.models import build_model
 
 MODELS = {"mlp": ("model.hidden=[20,30]",), "cnn": ("model=cnn", "model.hidden=[4,6]", "norm.num_groups=2")}
@@ -182,3 +182,19 @@ def test_slices_of_a_batch_they_do_not_divide_are_refused_and_an_empty_batch_is_
 def test_slices_check_the_input_as_batchnorm_does_before_they_normalize_it(shape, message):
     with pytest.raises(ValueError, match=message):
         SliceBatchNorm(3, 2)(torch.rand(shape))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 6), (2, 4, 7, 6), (2, 4, 6, 5)], ids=["even", "odd-height", "odd-width"])
+def test_the_fused_cnns_pool_is_max_pool_bit_for_bit_with_ties_nan_and_infinities(shape):
+    """Without a gradient (evaluation) it is two elementwise maxima; with one, ATen's max-pool, whose
+    backward gives a tie's gradient to its first value (the maxima would split it)."""
+    x = torch.randn(shape)
+    x[0, 0, :2, :2] = 1.5  # a window of ties
+    x[0, 1, 0, 1], x[1, 0, 1, 1], x[1, 1, 0, 0] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        assert torch.equal(max_pool2x2(x).nan_to_num(7.0), F.max_pool2d(x, 2).nan_to_num(7.0))
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gradient = torch.randn_like(F.max_pool2d(x, 2))
+    max_pool2x2(mine).backward(gradient)
+    F.max_pool2d(theirs, 2).backward(gradient)
+    assert torch.equal(mine.grad.nan_to_num(7.0), theirs.grad.nan_to_num(7.0))
