@@ -14,7 +14,8 @@ import torch
 
 from syncbn import bench, distributed
 from syncbn.bench.cases import bench_rank, bench_startup
-from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, Settings
+from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, STUDY_MODELS, STUDY_NORMS, Settings
+from syncbn.bench.study import bench_study
 from syncbn.bench.sweep import bench_sweep, plain_sweep
 from syncbn.bench.tables import report
 from syncbn.training.loop import cannot_compile
@@ -39,9 +40,10 @@ def run(settings: Settings, argv: list[str]) -> dict:
     sweeps = [bench_sweep(settings, "fused", w, settings.sweep_repeats) for w in settings.world_sizes]
     # The per-run reference once: it takes minutes, and its ratio is several times the goal's.
     sweeps += [bench_sweep(settings, "per-run", w, 1) for w in settings.per_run_world_sizes]
+    study = [bench_study(settings)] if settings.study_models else []
     return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
-                results=layer_and_step + startup + sweeps)
+                results=layer_and_step + startup + sweeps + study)
 
 
 def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
@@ -68,6 +70,12 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
                         help="interleaved runs of each fused sweep command and the plain loop (medians reported)")
     parser.add_argument("--per-run-world-sizes", type=int, nargs="*", default=defaults.per_run_world_sizes,
                         help="world sizes of the per-run sweep command (slow: a job per network)")
+    parser.add_argument("--study-models", nargs="*", choices=STUDY_MODELS, default=defaults.study_models,
+                        help="models of the study case's reduced batch-size study (none: no study case)")
+    parser.add_argument("--study-norms", nargs="+", choices=STUDY_NORMS, default=defaults.study_norms)
+    parser.add_argument("--study-batches", type=int, nargs="+", default=defaults.study_batches,
+                        help="per-device batches of the study case (each must divide the global batch, 64)")
+    parser.add_argument("--study-epochs", type=int, default=defaults.study_epochs)
     parser.add_argument("--plain-sweep", action="store_true", help="only run the sweep case's plain loop, then exit")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
@@ -77,6 +85,10 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
         parser.error(f"--calls must be at least 1, got {args.calls}")
     if args.sweep_repeats < 1:
         parser.error(f"--sweep-repeats must be at least 1, got {args.sweep_repeats}")
+    if args.study_epochs < 1:
+        parser.error(f"--study-epochs must be at least 1, got {args.study_epochs}")
+    if uneven := [b for b in args.study_batches if b < 1 or STUDY_GLOBAL_BATCH % b]:
+        parser.error(f"--study-batches must divide the study's global batch of {STUDY_GLOBAL_BATCH}, got {uneven[0]}")
     if args.startup_launches < 2:
         parser.error(f"--startup-launches must be at least 2 (the first starts the forkserver), got {args.startup_launches}")
     if args.compile and not args.plain_sweep and (problem := cannot_compile()):

@@ -14,6 +14,9 @@ LAYER_SHAPES = {
     "(8,64,32,32) channels_last": ((8, 64, 32, 32), torch.channels_last),
 }
 STEP_NORMS = ("syncbn", "bn", "none")
+STUDY_MODELS = ("mlp", "cnn")
+STUDY_NORMS = ("syncbn", "bn", "layernorm", "groupnorm", "none")
+STUDY_GLOBAL_BATCH = 64  # conf/experiment/batch_size_study.yaml's train.global_batch_size
 
 
 @dataclass
@@ -29,10 +32,15 @@ class Settings:
     sweep_epochs: int = 20
     sweep_repeats: int = 3
     per_run_world_sizes: list[int] = field(default_factory=lambda: [2])
+    study_models: list[str] = field(default_factory=lambda: list(STUDY_MODELS))  # none: no study case
+    study_norms: list[str] = field(default_factory=lambda: list(STUDY_NORMS))
+    study_batches: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4, 2])
+    study_epochs: int = 2
     device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(world_sizes=[1, 2], shapes=["(25,100)", "(8,64,32,32)"], warmup=3, calls=25,
                    step_norms=["syncbn", "bn"], startup_launches=2, sweep_scales=1, sweep_epochs=1,
-                   sweep_repeats=1)
+                   sweep_repeats=1, study_models=["mlp"], study_norms=["syncbn", "bn"], study_batches=[64, 32, 4],
+                   study_epochs=1)

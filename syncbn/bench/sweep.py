@@ -50,9 +50,13 @@ def plain_sweep(scales: int, epochs: int) -> None:
                         (model(dataset.tensors[0]).argmax(1) == dataset.tensors[1]).double().mean().item()
 
 
-def _timed(command: list[str]) -> float:
+def timed(command: list[str]) -> float:
+    """Seconds ``command`` took; a failed one ends the benchmark with its last line of errors."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        sys.exit(f"python -m syncbn.bench: {' '.join(command[1:])} failed: {reason}")
     return time.perf_counter() - start
 
 
@@ -75,8 +79,8 @@ def bench_sweep(settings: Settings, mode: str, world_size: int, repeats: int) ->
     seconds, plain_seconds = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out_dir:
-            seconds.append(_timed(sweep_commands(settings, mode, world_size, out_dir)))
-        plain_seconds.append(_timed(plain))
+            seconds.append(timed(sweep_commands(settings, mode, world_size, out_dir)))
+        plain_seconds.append(timed(plain))
     return dict(case="sweep", mode=mode, world_size=world_size, seconds=statistics.median(seconds),
                 plain_seconds=statistics.median(plain_seconds), each_seconds=seconds, each_plain_seconds=plain_seconds,
                 networks=2 * settings.sweep_scales, epochs=settings.sweep_epochs)

@@ -93,6 +93,16 @@ def sweep_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def study_table(results: list[dict]) -> str:
+    lines = ["| rows x epochs | fused command s (mean of 2) | per-run command s | fused / per-run | each fused run s |",
+             "|---|---|---|---|---|"]
+    for r in (r for r in results if r["case"] == "study"):
+        each = ", ".join(f"{s:.1f}" for s in r["each_seconds"])
+        lines.append(f"| {r['rows']} x {r['epochs']} | {r['seconds']:.1f} | {r['per_run_seconds']:.1f} | "
+                     f"{r['seconds'] / r['per_run_seconds']:.3f} | {each} |")
+    return "\n".join(lines)
+
+
 def report(report_data: dict) -> str:
     results = report_data["results"]
     m = report_data["machine"]
@@ -103,4 +113,5 @@ def report(report_data: dict) -> str:
         "DDP training step of the 5x100 MLP, global batch 100:\n\n" + step_table(results),
         "Rank start-up per job:\n\n" + startup_table(results),
         "Weight-scale sweep end to end:\n\n" + sweep_table(results),
+        "Batch-size study end to end, one seed:\n\n" + study_table(results),
     ])

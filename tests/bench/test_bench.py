@@ -1,19 +1,28 @@
 """The benchmark harness end to end on a tiny case: every field of its JSON, not the times."""
 
 import json
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
 
 import torch
 import torch.distributed as dist
 from app import why_not_compiled
 
-from syncbn.bench.cli import main
+from syncbn.bench.cli import main, parse_args
+from syncbn.bench.settings import STUDY_GLOBAL_BATCH, Settings
+from syncbn.bench.study import study_commands
+from syncbn.bench.sweep import timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.distributed import count_collectives
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
-        "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "1"]
+        "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "1", "--study-models", "mlp",
+        "--study-norms", "bn", "--study-batches", "64", "--study-epochs", "1"]
 
 
 def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
@@ -44,10 +53,15 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     assert len(startup["seconds"]) == 1 and len(startup["spawn_seconds"]) == 2 and min(startup["spawn_seconds"]) > 0
     assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 1)]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
+    [study] = by_case["study"]
+    assert (study["rows"], study["epochs"]) == (1, 1) and len(study["each_seconds"]) == 2
+    assert study["seconds"] == sum(study["each_seconds"]) / 2 and min(study["each_seconds"]) > 0 and study["per_run_seconds"] > 0
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
     assert "| world | shape | floor | floor ms | syncbn / floor | floor again / floor | least sync BN / floor |" in printed and "sweep command s" in printed
     assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 1 | 2 x 1 |" in printed
+    assert "| rows x epochs | fused command s (mean of 2) | per-run command s | fused / per-run |" in printed
+    assert f"| 1 x 1 | {study['seconds']:.1f} | {study['per_run_seconds']:.1f} |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
 
 
@@ -72,3 +86,44 @@ def test_the_least_synchronized_bn_keeps_both_collectives_and_normalizes_after_t
         assert result["counts"] == {"c10d::_allgather_base_": 2}
         torch.testing.assert_close(result["y"], (x[rank] - mean) * invstd)
         torch.testing.assert_close(result["grad"], invstd.expand(6, 3))
+
+
+@pytest.mark.parametrize("knobs,message", [
+    (["--calls", "0"], "--calls must be at least 1, got 0"),
+    (["--sweep-repeats", "0"], "--sweep-repeats must be at least 1, got 0"),
+    (["--startup-launches", "1"], "--startup-launches must be at least 2 (the first starts the forkserver), got 1"),
+    (["--study-epochs", "0"], "--study-epochs must be at least 1, got 0"),
+    (["--study-batches", "64", "24"], "--study-batches must divide the study's global batch of 64, got 24"),
+    (["--study-batches", "0"], "--study-batches must divide the study's global batch of 64, got 0"),
+    (["--study-batches", "-2"], "--study-batches must divide the study's global batch of 64, got -2"),
+    (["--study-models", "vit"], "argument --study-models: invalid choice: 'vit'"),
+])
+def test_knobs_that_cannot_work_are_refused_before_anything_runs(knobs, message, capsys):
+    with pytest.raises(SystemExit) as refusal:
+        parse_args(["--no-compile", *knobs])
+    assert refusal.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_quick_mode_is_the_defaults_each_knob_can_override():
+    settings = parse_args(["--quick", "--no-compile", "--study-epochs", "3", "--study-models"])[0]
+    assert (settings.study_epochs, settings.study_models, settings.calls) == (3, [], Settings.quick().calls)
+    assert parse_args(["--no-compile"])[0].study_batches == [64, 32, 16, 8, 4, 2]
+
+
+def test_the_study_case_runs_the_same_reduced_study_both_ways_with_the_studys_global_batch(tmp_path):
+    study = OmegaConf.load(Path(__file__).parents[2] / "conf" / "experiment" / "batch_size_study.yaml")
+    assert study.train.global_batch_size == STUDY_GLOBAL_BATCH
+    settings = Settings(study_models=["cnn"], study_norms=["bn", "none"], study_batches=[32, 8], study_epochs=3)
+    fused, per_run = study_commands(settings, str(tmp_path))
+    assert fused[3:] == ["+experiment=batch_size_study", "study.models=[cnn]", "study.norms=[bn,none]",
+                         "study.per_device_batches=[32,8]", "study.seeds=[0]", "seed=0", "train.epochs=3",
+                         f"hydra.run.dir={tmp_path}/fused"]
+    assert per_run[3:] == ["-m", "+experiment=batch_size_study_per_run", "model=cnn", "norm=bn,none",
+                           "study.per_device_batch=32,8", "seed=0", "train.epochs=3", f"hydra.sweep.dir={tmp_path}/per-run"]
+
+
+def test_a_command_that_fails_ends_the_benchmark_with_its_last_line_of_errors():
+    with pytest.raises(SystemExit) as failure:
+        timed([sys.executable, "-c", "import sys; print('first', file=sys.stderr); sys.exit('the reason')"])
+    assert str(failure.value) == "python -m syncbn.bench: -c import sys; print('first', file=sys.stderr); " \
+                                 "sys.exit('the reason') failed: the reason"
