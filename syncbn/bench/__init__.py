@@ -28,10 +28,13 @@ Cases, each at every world size (ranks are local processes started by torch's el
 4. sweep (``syncbn/bench/sweep.py``): whole commands, start-up included: the fused sweep at each
    world size and the per-run sweep at ``--per-run-world-sizes``, each followed by the plain
    single-process loop over the same networks and epochs (``--plain-sweep``).
+5. study (``syncbn/bench/study.py``): the batch-size study's fused command against its per-run
+   command on a reduced study (one seed, ``--study-epochs``), whole commands, the fused one run
+   before and after the per-run one.
 Compile times are each compiled contender's first call, with a cold inductor cache.
 Collectives per step are counted by the profiler (every ``c10d::`` op), not assumed.
 
 The package: ``settings`` (what a run measures), ``timing`` (interleaved timing, the floors),
-``cases`` (layer, step, startup), ``minimum`` (the least synchronized BN), ``sweep`` (whole
-commands), ``tables`` (the report), ``cli`` (this command).
+``cases`` (layer, step, startup), ``minimum`` (the least synchronized BN), ``sweep`` and
+``study`` (whole commands), ``tables`` (the report), ``cli`` (this command).
 """
