@@ -45,7 +45,7 @@ def test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_dir
     """``kill -9`` of the launching process, which cannot pass the signal on: both ranks are gone
     within 10 s; a rerun started at once is refused while any of them lives, then resumes the
     run, whose metrics hold every epoch once."""
-    launcher = subprocess.Popen(app(tmp_path, "train.epochs=40"), cwd=ROOT, stdout=subprocess.DEVNULL,
+    launcher = subprocess.Popen(app(tmp_path, "train.epochs=12"), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: (tmp_path / "checkpoint.pt").exists() or launcher.poll() is not None, 90, "a checkpoint")
     assert launcher.poll() is None, "the run ended before it could be killed"
@@ -55,14 +55,14 @@ def test_ranks_end_with_their_killed_launcher_and_no_second_run_writes_their_dir
     launcher.wait()
     refused = 0
     while True:
-        rerun = subprocess.run(app(tmp_path, "train.epochs=40"), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        rerun = subprocess.run(app(tmp_path, "train.epochs=12"), cwd=ROOT, capture_output=True, text=True, timeout=180)
         if rerun.returncode == 0:
             break
         assert rerun.returncode == 1 and "belongs to a run still going" in rerun.stderr, rerun.stderr
         refused += 1
         assert refused < 10, "a rank of the killed run still holds the directory"
     wait_for(lambda: not live_processes(launcher.pid), 10, "the killed launcher's ranks to end")
-    assert [record["epoch"] for record in read_metrics(tmp_path)] == list(range(1, 41))
+    assert [record["epoch"] for record in read_metrics(tmp_path)] == list(range(1, 13))
 
 
 def test_a_run_is_refused_while_a_rank_of_an_earlier_one_still_writes_its_directory(tmp_path):

@@ -14,14 +14,14 @@ from app import why_not_compiled
 from syncbn.bench.cli import main, parse_args
 from syncbn.bench.settings import STUDY_GLOBAL_BATCH, Settings
 from syncbn.bench.study import study_commands
-from syncbn.bench.sweep import timed
+from syncbn.bench.sweep import sweep_commands, timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.distributed import count_collectives
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
-        "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "1", "--study-models", "mlp",
+        "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "--study-models", "mlp",
         "--study-norms", "bn", "--study-batches", "64", "--study-epochs", "1"]
 
 
@@ -51,7 +51,7 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     [startup] = by_case["startup"]
     assert startup["world_size"] == 2 and startup["first_seconds"] > 0
     assert len(startup["seconds"]) == 1 and len(startup["spawn_seconds"]) == 2 and min(startup["spawn_seconds"]) > 0
-    assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2), ("per-run", 1)]
+    assert [(r["mode"], r["world_size"]) for r in by_case["sweep"]] == [("fused", 2)]
     assert all(r["seconds"] > 0 and r["plain_seconds"] > 0 and r["networks"] == 2 for r in by_case["sweep"])
     [study] = by_case["study"]
     assert (study["rows"], study["epochs"]) == (1, 1) and len(study["each_seconds"]) == 2
@@ -59,7 +59,7 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
     assert "| world | shape | floor | floor ms | syncbn / floor | floor again / floor | least sync BN / floor |" in printed and "sweep command s" in printed
-    assert "| fused | 2 | 2 x 1 |" in printed and "| per-run | 1 | 2 x 1 |" in printed
+    assert "| fused | 2 | 2 x 1 |" in printed
     assert "| rows x epochs | fused command s (mean of 2) | per-run command s | fused / per-run |" in printed
     assert f"| 1 x 1 | {study['seconds']:.1f} | {study['per_run_seconds']:.1f} |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
@@ -127,3 +127,14 @@ def test_a_command_that_fails_ends_the_benchmark_with_its_last_line_of_errors():
         timed([sys.executable, "-c", "import sys; print('first', file=sys.stderr); sys.exit('the reason')"])
     assert str(failure.value) == "python -m syncbn.bench: -c import sys; print('first', file=sys.stderr); " \
                                  "sys.exit('the reason') failed: the reason"
+
+
+def test_the_sweep_case_runs_the_fused_sweep_and_the_per_run_sweep_over_the_same_networks(tmp_path):
+    """The commands' shape (both run as users type them in tests/test_train.py)."""
+    settings = Settings(sweep_scales=2, sweep_epochs=3)
+    fused = sweep_commands(settings, "fused", 4, str(tmp_path))
+    assert fused[3:] == ["+experiment=weight_scale_sweep", "sweep.weight_scales=[1.0,0.007356422544596414]", "train.epochs=3",
+                         "dist.nproc=4", f"hydra.run.dir={tmp_path}"]
+    assert sweep_commands(settings, "per-run", 2, str(tmp_path))[3:] == [
+        "-m", "+experiment=weight_scale_sweep_per_run", "model.weight_scale=1.0,0.007356422544596414", "train.epochs=3", "dist.nproc=2",
+        f"hydra.sweep.dir={tmp_path}"]
