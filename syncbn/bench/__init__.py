@@ -1,7 +1,7 @@
 """Benchmarks, side by side in one run: SyncBatchNorm against local BatchNorm and the bare collectives.
 
     python -m syncbn.bench                 # full: world sizes 1, 2, 4 (docs/performance.md)
-    python -m syncbn.bench --quick         # everyday check, about two minutes (compiling most of it)
+    python -m syncbn.bench --quick         # everyday check, about three minutes
     python -m syncbn.bench --plain-sweep   # only the sweep case's baseline: the plain loop
     python -m syncbn.bench --help          # every knob
 

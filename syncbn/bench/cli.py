@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser = argparse.ArgumentParser(prog="python -m syncbn.bench", description=bench.__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a small run for everyday use (about two minutes; 40 s with --no-compile)")
+                        help="a small run for everyday use (about three minutes)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=defaults.world_sizes)
     parser.add_argument("--shapes", nargs="+", choices=list(LAYER_SHAPES), default=defaults.shapes)
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per contender")
