@@ -174,6 +174,16 @@ MUTATIONS = [
              (layer("test_a_rank_holding_one_value_per_channel_sends_its_share_of_the_gradient"),)),
     Mutation("single-value-in-the-group-allowed", "syncbn/functional.py", "    if count == 1:\n", "    if count == 0:\n",
              ("tests/test_functional.py::test_one_value_per_channel_in_the_whole_group_raises_on_every_rank",)),
+    Mutation("per-rank-bn-as-syncbn-at-every-batch", "syncbn/experiments/study_plan.py",
+             '    elif world_size == 1 and "syncbn" in norms:', '    elif "syncbn" in norms:',
+             ("tests/experiments/test_study_plan.py::test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_batch_and_seed_once",
+              "tests/experiments/test_batch_size.py::test_the_fused_study_gives_the_per_run_studys_rows_and_writes_the_csv_and_the_figure[small]")),
+    Mutation("training-pools-by-maxima", "syncbn/training/members.py",
+             "    if (torch.is_grad_enabled() and x.requires_grad) or x.size(-1) % 2", "    if x.size(-1) % 2",
+             ("tests/training/test_members.py::test_the_fused_cnns_pool_is_max_pool_bit_for_bit_with_ties_nan_and_infinities",)),
+    Mutation("odd-width-pooled-by-maxima", "syncbn/training/members.py", " or x.size(-1) % 2 or x.size(-2) % 2:",
+             " or x.size(-2) % 2:",
+             ("tests/training/test_members.py::test_the_fused_cnns_pool_is_max_pool_bit_for_bit_with_ties_nan_and_infinities",)),
 ]
 
 
