@@ -14,10 +14,11 @@ import torch
 
 from syncbn import bench, distributed
 from syncbn.bench.cases import bench_rank, bench_startup
-from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, STUDY_MODELS, STUDY_NORMS, Settings
+from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, Settings
 from syncbn.bench.study import bench_study
 from syncbn.bench.sweep import bench_sweep, plain_sweep
 from syncbn.bench.tables import report
+from syncbn.training.config import MODELS, NORMS
 from syncbn.training.loop import cannot_compile
 
 
@@ -70,9 +71,9 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
                         help="interleaved runs of each fused sweep command and the plain loop (medians reported)")
     parser.add_argument("--per-run-world-sizes", type=int, nargs="*", default=defaults.per_run_world_sizes,
                         help="world sizes of the per-run sweep command (slow: a job per network)")
-    parser.add_argument("--study-models", nargs="*", choices=STUDY_MODELS, default=defaults.study_models,
+    parser.add_argument("--study-models", nargs="*", choices=MODELS, default=defaults.study_models,
                         help="models of the study case's reduced batch-size study (none: no study case)")
-    parser.add_argument("--study-norms", nargs="+", choices=STUDY_NORMS, default=defaults.study_norms)
+    parser.add_argument("--study-norms", nargs="+", choices=NORMS, default=defaults.study_norms)
     parser.add_argument("--study-batches", type=int, nargs="+", default=defaults.study_batches,
                         help="per-device batches of the study case (each must divide the global batch, 64)")
     parser.add_argument("--study-epochs", type=int, default=defaults.study_epochs)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from syncbn.training.config import MODELS, NORMS
+
 
 LAYER_SHAPES = {
     "(25,100)": ((25, 100), torch.contiguous_format),
@@ -14,8 +16,6 @@ LAYER_SHAPES = {
     "(8,64,32,32) channels_last": ((8, 64, 32, 32), torch.channels_last),
 }
 STEP_NORMS = ("syncbn", "bn", "none")
-STUDY_MODELS = ("mlp", "cnn")
-STUDY_NORMS = ("syncbn", "bn", "layernorm", "groupnorm", "none")
 STUDY_GLOBAL_BATCH = 64  # conf/experiment/batch_size_study.yaml's train.global_batch_size
 
 
@@ -32,8 +32,8 @@ class Settings:
     sweep_epochs: int = 20
     sweep_repeats: int = 3
     per_run_world_sizes: list[int] = field(default_factory=lambda: [2])
-    study_models: list[str] = field(default_factory=lambda: list(STUDY_MODELS))  # none: no study case
-    study_norms: list[str] = field(default_factory=lambda: list(STUDY_NORMS))
+    study_models: list[str] = field(default_factory=lambda: list(MODELS))  # none: no study case
+    study_norms: list[str] = field(default_factory=lambda: list(NORMS))
     study_batches: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4, 2])
     study_epochs: int = 2
     device: str = "cpu"

@@ -166,9 +166,8 @@ def _emulated_row(layout: dict, norm: str, b: int, seed: int, batch: int, norms:
         member = dict(norm="syncbn", seed=seed)
     else:
         member = dict(norm="bn", seed=seed, bn_slice=b)
-    execution = "real" if world_size == 1 else "ghost" if norm == "bn" else "one-process"
-    return dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed, execution=execution,
-                member=member)
+    return dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed,
+                execution=execution(world_size, norm, max_real_ranks=1), member=member)
 
 
 def _w1_job(name: str, config: Config, seeds: list[int], rows: list[dict]) -> StudyJob:
