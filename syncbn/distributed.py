@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.profiler import ProfilerActivity, profile
 
 from syncbn.errors import ConfigError
@@ -185,6 +188,40 @@ def leave_after_the_launcher_looks() -> None:
     killed fails milliseconds later (its collective sees the connection reset), and the launcher
     reports the first ending it sees in a poll; waiting lets that be the peer's death, the cause."""
     time.sleep(5 * MONITOR_INTERVAL_S)
+
+
+def record_failure(error: BaseException) -> None:
+    """Tell the launcher why this rank fails, in the error file it reads (torch's format).
+
+    Written aside and renamed: the launcher stops the other ranks as soon as one fails, and a rank
+    stopped halfway through its write (or whose write fails, on a full disk) would leave a file the
+    launcher cannot parse, which ends the launcher itself with a traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    report = {"message": {"message": f"{type(error).__name__}: {error}",
+                          "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+    aside = f"{path}.{os.getpid()}.tmp"
+    try:
+        Path(aside).write_text(json.dumps(report))
+        os.replace(aside, path)
+    except OSError:
+        Path(aside).unlink(missing_ok=True)
+
+
+def first_failure(error: ChildFailedError) -> tuple[int, ProcessFailure]:
+    """The rank whose failure caused the others.
+
+    Once a rank fails, the launcher stops the rest with SIGTERM and records them too, each dated by
+    its own error file in whole seconds. A rank whose collective failed because its peer died wrote
+    that file milliseconds after the death, yet can carry an earlier second than the launcher's
+    record of the death; so a rank the launcher stopped is a cause only if every rank was stopped.
+    """
+    causes = {rank: failure for rank, failure in error.failures.items() if failure.exitcode != -signal.SIGTERM}
+    if not causes:
+        return error.get_first_failure()
+    rank = min(causes, key=lambda rank: causes[rank].timestamp)
+    return rank, causes[rank]
 
 
 def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 0,

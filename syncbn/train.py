@@ -45,7 +45,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from syncbn import distributed
 from syncbn.errors import ConfigError
@@ -325,7 +325,7 @@ def describe(error: BaseException) -> str:
     """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
     rank's own message, or ours."""
     if isinstance(error, ChildFailedError):
-        rank, failure = error.get_first_failure()
+        rank, failure = distributed.first_failure(error)
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         exit_text = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         return f"rank {rank} failed ({exit_text}): {reason}".rstrip(": ")
@@ -365,7 +365,7 @@ def report_to_the_launcher(error: Exception) -> NoReturn:
     names the first rank to fail with its cause, in one line. Each rank printing its own would
     repeat it, and a rank that fails only because a peer died (its collective's connection reset)
     would print a traceback of that second failure."""
-    ErrorHandler().record_exception(error)
+    distributed.record_failure(error)
     distributed.leave_after_the_launcher_looks()
     distributed.exit_now(1)
 

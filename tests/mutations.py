@@ -47,6 +47,10 @@ def errors(name: str) -> str:
     return f"tests/test_train_errors.py::{name}"
 
 
+def distributed(name: str) -> str:
+    return f"tests/test_distributed.py::{name}"
+
+
 def faults(name: str) -> str:
     return f"tests/test_train_faults.py::{name}"
 
@@ -136,6 +140,15 @@ MUTATIONS = [
     Mutation("resumed-from-named-as-latest", "syncbn/training/resume.py", "checkpoint.newest(self.run_dir),",
              "self.run_dir / checkpoint.LATEST,",
              (faults("test_the_command_of_a_faulted_run_resumes_it_and_says_which_checkpoint_it_read"),)),
+    Mutation("launcher-stopped-rank-blamed", "syncbn/distributed.py",
+             "for rank, failure in error.failures.items() if failure.exitcode != -signal.SIGTERM}",
+             "for rank, failure in error.failures.items()}",
+             (distributed("test_the_first_failure_is_the_earliest_rank_the_launcher_did_not_stop"),)),
+    Mutation("error-file-written-in-place", "syncbn/distributed.py", "        Path(aside).write_text(json.dumps(report))\n",
+             "        Path(path).write_text(json.dumps(report))\n",
+             (distributed("test_an_error_file_that_cannot_be_written_is_left_absent_not_half_written"),)),
+    Mutation("half-written-error-file-left-aside", "syncbn/distributed.py", "        Path(aside).unlink(missing_ok=True)\n",
+             "        pass\n", (distributed("test_an_error_file_that_cannot_be_written_is_left_absent_not_half_written"),)),
     Mutation("failed-rank-traceback-shown", "syncbn/distributed.py",
              'logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)',
              "pass", (train("test_without_restarts_a_killed_rank_ends_the_launch_with_one_line"),)),

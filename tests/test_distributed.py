@@ -1,12 +1,17 @@
 """Device and backend choice, checked before any process starts, free memory, and a rank ending with
 its launcher (the launching itself is tested end to end in test_train.py, and on Gloo groups everywhere)."""
 
+import json
+import os
+import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from syncbn import distributed
 from syncbn.distributed import DistConfig
@@ -93,3 +98,54 @@ def test_a_process_whose_launcher_is_already_gone_ends_at_once():
     gone.wait()
     rank = _dies_with(gone.pid)
     assert rank.wait(timeout=30) == -signal.SIGKILL and rank.stdout.read() == ""
+
+
+def failure(tmp_path, rank: int, exitcode: int, second: int | None) -> ProcessFailure:
+    """A rank's failure as torch's launcher records it, dated by its error file (none: dated now)."""
+    error_file = tmp_path / f"error_{rank}.json"
+    if second is not None:
+        error_file.write_text(json.dumps({"message": {"message": f"RuntimeError: rank {rank}",
+                                                      "extraInfo": {"timestamp": str(second)}}}))
+    return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(error_file))
+
+
+@pytest.mark.parametrize("ranks,first", [
+    # (exit code, error file's second) per rank
+    ({0: (-signal.SIGTERM, 10), 1: (-signal.SIGKILL, None)}, 1),  # stopped by the launcher after its peer died
+    ({0: (1, 10), 1: (-signal.SIGTERM, 9)}, 0),
+    ({0: (1, 12), 1: (1, 11), 2: (-signal.SIGTERM, 10)}, 1),  # the earliest of the failures not stopped
+    ({0: (-signal.SIGTERM, 12), 1: (-signal.SIGTERM, 11)}, 1),  # every rank stopped: torch's first
+])
+def test_the_first_failure_is_the_earliest_rank_the_launcher_did_not_stop(tmp_path, ranks, first):
+    failures = {rank: failure(tmp_path, rank, exitcode, second) for rank, (exitcode, second) in ranks.items()}
+    rank, chosen = distributed.first_failure(ChildFailedError("train", failures))
+    assert (rank, chosen) == (first, failures[first])
+
+
+def test_a_failing_rank_leaves_the_launcher_a_file_it_reads_and_nothing_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    try:
+        raise RuntimeError("the cause")
+    except RuntimeError as error:
+        distributed.record_failure(error)
+    read = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=str(tmp_path / "error.json"))
+    assert read.message["message"] == "RuntimeError: the cause"
+    assert 'raise RuntimeError("the cause")' in read.message["extraInfo"]["py_callstack"]
+    assert abs(read.timestamp - time.time()) < 5
+    assert [path.name for path in tmp_path.iterdir()] == ["error.json"]
+
+
+def test_an_error_file_that_cannot_be_written_is_left_absent_not_half_written(tmp_path, monkeypatch):
+    """A full disk (every write past 100 bytes fails: RLIMIT_FSIZE) leaves no file the launcher would
+    fail to parse, and nothing aside; without a launcher, nothing is written."""
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    code = "from syncbn import distributed; distributed.record_failure(RuntimeError('x' * 1000)); print('ended')"
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, preexec_fn=small_files, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout, list(tmp_path.iterdir())) == (0, "ended\n", []), done.stderr
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    distributed.record_failure(RuntimeError("no launcher"))
+    assert list(tmp_path.iterdir()) == []
