@@ -15,7 +15,7 @@ import torch
 from syncbn import bench, distributed
 from syncbn.bench.cases import bench_rank, bench_startup
 from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, Settings
-from syncbn.bench.study import bench_study
+from syncbn.bench.study import study_cases
 from syncbn.bench.sweep import bench_sweep, plain_sweep
 from syncbn.bench.tables import report
 from syncbn.training.config import MODELS, NORMS
@@ -41,10 +41,9 @@ def run(settings: Settings, argv: list[str]) -> dict:
     sweeps = [bench_sweep(settings, "fused", w, settings.sweep_repeats) for w in settings.world_sizes]
     # The per-run reference once: it takes minutes, and its ratio is several times the goal's.
     sweeps += [bench_sweep(settings, "per-run", w, 1) for w in settings.per_run_world_sizes]
-    study = [bench_study(settings)] if settings.study_models else []
     return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
-                results=layer_and_step + startup + sweeps + study)
+                results=layer_and_step + startup + sweeps + study_cases(settings))
 
 
 def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:

@@ -43,3 +43,8 @@ def bench_study(settings: Settings) -> dict:
     rows = len(settings.study_models) * len(settings.study_norms) * len(settings.study_batches)
     return dict(case="study", seconds=(before + after) / 2, each_seconds=[before, after],
                 per_run_seconds=per_run_seconds, rows=rows, epochs=settings.study_epochs)
+
+
+def study_cases(settings: Settings) -> list[dict]:
+    """The study case, unless ``--study-models`` named none."""
+    return [bench_study(settings)] if settings.study_models else []

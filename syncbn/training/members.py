@@ -133,7 +133,8 @@ class MemberCNN(FusedMembers):
     def convolve(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
         """``conv(h)``, by the kernels fastest on CPU for these shapes (3-4x oneDNN's default ones
         here, docs/performance.md): the first convolution, of few input channels to every member's,
-        as one matmul over the image's 3x3 patches; the grouped ones in channels-last layout."""
+        as one matmul over the image's 3x3 patches; the grouped ones in channels-last layout. Both
+        assume what the CNN's convolutions are: stride 1, no dilation, padding that keeps the size."""
         batch, _, height, width = h.shape
         if conv.groups == 1:
             patches = F.unfold(h, conv.kernel_size, padding=conv.padding)

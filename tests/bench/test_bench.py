@@ -13,7 +13,7 @@ from app import why_not_compiled
 
 from syncbn.bench.cli import main, parse_args
 from syncbn.bench.settings import STUDY_GLOBAL_BATCH, Settings
-from syncbn.bench.study import study_commands
+from syncbn.bench.study import study_cases, study_commands
 from syncbn.bench.sweep import sweep_commands, timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.distributed import count_collectives
@@ -120,6 +120,10 @@ def test_the_study_case_runs_the_same_reduced_study_both_ways_with_the_studys_gl
                          f"hydra.run.dir={tmp_path}/fused"]
     assert per_run[3:] == ["-m", "+experiment=batch_size_study_per_run", "model=cnn", "norm=bn,none",
                            "study.per_device_batch=32,8", "seed=0", "train.epochs=3", f"hydra.sweep.dir={tmp_path}/per-run"]
+
+
+def test_without_study_models_the_bench_has_no_study_case_and_runs_no_command():
+    assert study_cases(parse_args(["--quick", "--no-compile", "--study-models"])[0]) == []
 
 
 def test_a_command_that_fails_ends_the_benchmark_with_its_last_line_of_errors():
