@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch.distributed import run as torchrun
 
-from syncbn import distributed, train
+from syncbn import distributed, endings, train
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -70,12 +70,12 @@ def check(world_size: int, overrides: list[str]) -> int:
 
 
 def main(argv: list[str]) -> None:
-    signal.signal(signal.SIGTERM, train.raise_on_sigterm)  # torchrun's own handler comes with the ranks
+    signal.signal(signal.SIGTERM, endings.raise_on_sigterm)  # torchrun's own handler comes with the ranks
     launcher_args, overrides = split(argv)
     run_dir, resume = run_dir_of(dict(os.environ))
     overrides = [train.hydra_override("hydra.run.dir", run_dir), train.hydra_override("hydra.sweep.dir", run_dir),
                  *overrides]
-    with train.interrupts_in_one_line(run_dir, resume), train.one_line_errors():
+    with endings.interrupts_in_one_line(run_dir, resume), endings.one_line_errors():
         args = torchrun.parse_args([*launcher_args, "-m", "syncbn.train", *overrides])
         world_size = one_node_world_size(args)
         if world_size is not None and (status := check(world_size, overrides)):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import re
@@ -36,24 +35,19 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from syncbn import distributed
+from syncbn import distributed, slurm
+from syncbn.endings import (KNOWN_FAILURES, interrupts_in_one_line, one_line_errors, raise_on_sigterm,
+                            ranks_die_on_interrupt)
 from syncbn.errors import ConfigError
 from syncbn.experiments import batch_size, study_plan, weight_scale
 from syncbn.training import checkpoint, data, loop, models
-from syncbn.training.checkpoint import CheckpointError
 from syncbn.training.config import Config, is_sweep, register, to_config, validate
-from syncbn.training.data import DataError
 from syncbn.training.resume import nothing_to_resume
 
 log = logging.getLogger("syncbn.train")
@@ -246,35 +240,10 @@ def main(cfg: DictConfig) -> None:
                 summarize(run_dir)
 
 
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
-
-
-def ranks_die_on_interrupt() -> None:
-    """A rank that an agent started (torchrun, the CPU simulation) ends at once on Ctrl-C, silently:
-    the agent gets the same signal, stops every rank and reports it once. The checkpoint on disk is
-    always complete (written aside, then renamed), so nothing is lost but the steps since it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def raise_on_sigterm(signum: int, frame) -> None:
-    raise SignalException(f"Process {os.getpid()} got signal: {signal.Signals(signum)}", sigval=signal.Signals(signum))
-
-
-def interrupting_signal(error: BaseException) -> signal.Signals | None:
-    """SIGINT or SIGTERM if ``error`` is how one reached this process (or killed its ranks first)."""
-    if isinstance(error, KeyboardInterrupt):
-        return signal.SIGINT
-    if isinstance(error, SignalException):
-        return error.sigval
-    if isinstance(error, ChildFailedError):
-        _, failure = error.get_first_failure()
-        if -failure.exitcode in EXIT_STATUS:
-            return signal.Signals(-failure.exitcode)
-    return None
-
-
 def how_to_resume(run_dir: Path) -> str:
     """Run the same command, with the output directory pinned if the command left it to the clock."""
+    if slurm.is_task():
+        return slurm.how_to_resume(os.environ, run_dir)
     hydra_config = HydraConfig.get()
     multirun = hydra_config.mode == RunMode.MULTIRUN
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -298,94 +267,30 @@ def hydra_override(key: str, path: Path | str) -> str:
     return f"{key}={value}"
 
 
-def where_training_stopped(run_dir: Path | None, resume: str) -> str:
-    if run_dir is None:
-        return "before training started"
-    state = checkpoint.load(run_dir)
-    if state is None:
-        return f"before the first checkpoint; {run_dir} has nothing to resume"
-    progress = state["progress"]
-    return f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); {resume}"
-
-
-@contextlib.contextmanager
-def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Iterator[None]:
-    """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143."""
-    try:
-        yield
-    except (KeyboardInterrupt, SignalException, ChildFailedError) as error:
-        received = interrupting_signal(error)
-        if received is None or os.environ.get("SYNCBN_DEBUG") == "1":
-            raise
-        print(f"syncbn.train: interrupted by {received.name} {where_training_stopped(run_dir, resume)}", file=sys.stderr)
-        sys.exit(EXIT_STATUS[received])
-
-
-def describe(error: BaseException) -> str:
-    """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
-    rank's own message, or ours."""
-    if isinstance(error, ChildFailedError):
-        rank, failure = distributed.first_failure(error)
-        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        exit_text = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        return f"rank {rank} failed ({exit_text}): {reason}".rstrip(": ")
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.strerror or type(error).__name__}: {error.filename}"
-    parts = [str(error)] + ([str(error.__cause__)] if isinstance(error, HydraException) and error.__cause__ else [])
-    lines = [line.strip() for part in parts for line in part.splitlines()]
-    lines = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines))
-    return " ".join(line for line in lines if line and not line.startswith(("reference_type", "object_type")))
-
-
-# OSError: a run directory that cannot be made or written (Hydra makes it before the app runs).
-KNOWN_FAILURES = (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, ChildFailedError,
-                  OSError)
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Known failures end the process with one line on stderr (a traceback with ``--debug``).
-
-    It exits from inside the Hydra job too, so that Hydra adds no lines of its own."""
-    try:
-        yield
-    except Exception as error:
-        if os.environ.get("SYNCBN_DEBUG") == "1":
-            raise
-        if "TORCHELASTIC_ERROR_FILE" in os.environ:
-            report_to_the_launcher(error)
-        if not isinstance(error, KNOWN_FAILURES):
-            raise
-        print(f"syncbn.train: error: {describe(error)}", file=sys.stderr)
-        sys.exit(1)
-
-
-def report_to_the_launcher(error: Exception) -> NoReturn:
-    """A torchrun rank's failure goes to the error file torchrun reads, unprinted: ``syncbn.torchrun``
-    names the first rank to fail with its cause, in one line. Each rank printing its own would
-    repeat it, and a rank that fails only because a peer died (its collective's connection reset)
-    would print a traceback of that second failure."""
-    distributed.record_failure(error)
-    distributed.leave_after_the_launcher_looks()
-    distributed.exit_now(1)
-
-
 def cli() -> None:
     """``python -m syncbn.train [--debug] [--check] [overrides]``."""
     for flag, variable in (("--debug", "SYNCBN_DEBUG"), ("--check", "SYNCBN_CHECK_ONLY")):
         if flag in sys.argv:
             sys.argv.remove(flag)
             os.environ[variable] = "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
+    with interrupts_in_one_line(), one_line_errors():
+        take_place_among_ranks()
+        main()
+
+
+def take_place_among_ranks() -> None:
+    """A rank's place (an srun task's read from SLURM), how it ends on a signal, and its logging."""
+    slurm_task = slurm.torchrun_variables(os.environ)
+    os.environ.update(slurm_task)
     if distributed.launched():
         ranks_die_on_interrupt()
-    else:
+    if not distributed.launched() or slurm_task.get("RANK") == "0":
+        # scancel signals every task and no agent reports it: rank 0 says where training stopped
         signal.signal(signal.SIGTERM, raise_on_sigterm)
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.
         sys.argv += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach one_line_errors, not Hydra's printer
-    with interrupts_in_one_line(), one_line_errors():
-        main()
 
 
 if __name__ == "__main__":

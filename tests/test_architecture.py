@@ -16,10 +16,10 @@ LAYER = {"syncbn", "syncbn.functional", "syncbn.batchnorm"}  # what a user impor
 FLOORS = [
     {"the layer": tuple(LAYER)},
     {"errors": ("syncbn.errors",)},
-    {"distributed": ("syncbn.distributed",)},
+    {"distributed": ("syncbn.distributed", "syncbn.slurm")},
     {"training": ("syncbn.training",)},
     {"experiments": ("syncbn.experiments",), "bench": ("syncbn.bench",)},
-    {"the Hydra app": ("syncbn.train",), "the old commands": ("syncbn.plot", "syncbn.study")},
+    {"the Hydra app": ("syncbn.train", "syncbn.endings"), "the old commands": ("syncbn.plot", "syncbn.study")},
     {"the torchrun wrapper": ("syncbn.torchrun",)},
 ]
 

@@ -3,6 +3,7 @@ as a user meets them: bad input, a killed rank, a rank's own error, SIGTERM to t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -123,8 +124,12 @@ def test_sigterm_to_torchrun_is_one_line_exit_143_and_the_same_command_resumes(t
 
 def children(pid: int) -> list[str]:
     """The command lines of ``pid``'s child processes."""
-    ids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ") for child in ids]
+    found = []
+    with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # the process ended meanwhile
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # this child ended meanwhile
+                found.append(Path(f"/proc/{child}/cmdline").read_text().replace("\0", " "))
+    return found
 
 
 def test_sigterm_while_the_command_is_checked_is_one_line_exit_143_and_leaves_nothing(tmp_path):

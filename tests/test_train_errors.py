@@ -12,7 +12,7 @@ from app import cli, compose_config, read_metrics
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from syncbn import train
+from syncbn import endings, train
 from syncbn.training import checkpoint, loop
 from syncbn.training.checkpoint import CheckpointError
 from syncbn.training.config import ConfigError
@@ -208,28 +208,28 @@ def failed_child(exitcode: int) -> ChildFailedError:
     (RuntimeError("boom"), None),
 ])
 def test_only_sigint_and_sigterm_count_as_interrupts_and_a_rank_killed_by_one_is_one(error, received):
-    assert train.interrupting_signal(error) == received
+    assert endings.interrupting_signal(error) == received
 
 
 def test_where_an_interrupted_run_stopped_is_said_for_each_case(tmp_path):
-    assert train.where_training_stopped(None, "rerun") == "before training started"
-    assert train.where_training_stopped(tmp_path, "rerun") == f"before the first checkpoint; {tmp_path} has nothing to resume"
+    assert endings.where_training_stopped(None, "rerun") == "before training started"
+    assert endings.where_training_stopped(tmp_path, "rerun") == f"before the first checkpoint; {tmp_path} has nothing to resume"
     checkpoint.save(tmp_path, {part: {} for part in checkpoint.PARTS} | {"progress": {"epoch": 3, "step": 7}})
-    assert train.where_training_stopped(tmp_path, "rerun it") == "at epoch 3, step 7 (the last checkpoint); rerun it"
+    assert endings.where_training_stopped(tmp_path, "rerun it") == "at epoch 3, step 7 (the last checkpoint); rerun it"
 
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_an_interrupt_is_one_line_and_its_status_unless_debugging(monkeypatch, capsys, tmp_path, debug):
     monkeypatch.setenv("SYNCBN_DEBUG", "1" if debug else "0")
     with pytest.raises(KeyboardInterrupt if debug else SystemExit) as stopped:
-        with train.interrupts_in_one_line(tmp_path, "rerun"):
+        with endings.interrupts_in_one_line(tmp_path, "rerun"):
             raise KeyboardInterrupt
     if not debug:
         assert stopped.value.code == 130
         assert capsys.readouterr().err == (f"syncbn.train: interrupted by SIGINT before the first checkpoint; {tmp_path} "
                                            "has nothing to resume\n")
     with pytest.raises(RuntimeError, match="not an interrupt"):
-        with train.interrupts_in_one_line(tmp_path, "rerun"):
+        with endings.interrupts_in_one_line(tmp_path, "rerun"):
             raise RuntimeError("not an interrupt")
 
 

@@ -1,0 +1,130 @@
+"""How a run ends when it does not finish: a signal, or a known failure, each in one line that says
+where training stopped and how to resume (a traceback only with ``--debug``), with the exit status
+a shell expects; a rank started by an agent hands its failure to the agent instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from syncbn import distributed, slurm
+from syncbn.errors import ConfigError
+from syncbn.training import checkpoint
+from syncbn.training.checkpoint import CheckpointError
+from syncbn.training.data import DataError
+
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
+
+
+def ranks_die_on_interrupt() -> None:
+    """A rank that an agent started (torchrun, the CPU simulation) ends at once on Ctrl-C, silently:
+    the agent gets the same signal, stops every rank and reports it once. The checkpoint on disk is
+    always complete (written aside, then renamed), so nothing is lost but the steps since it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def raise_on_sigterm(signum: int, frame) -> None:
+    raise SignalException(f"Process {os.getpid()} got signal: {signal.Signals(signum)}", sigval=signal.Signals(signum))
+
+
+def interrupting_signal(error: BaseException) -> signal.Signals | None:
+    """SIGINT or SIGTERM if ``error`` is how one reached this process (or killed its ranks first)."""
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(error, SignalException):
+        return error.sigval
+    if isinstance(error, ChildFailedError):
+        _, failure = error.get_first_failure()
+        if -failure.exitcode in EXIT_STATUS:
+            return signal.Signals(-failure.exitcode)
+    return None
+
+
+def where_training_stopped(run_dir: Path | None, resume: str) -> str:
+    if run_dir is None:
+        return "before training started"
+    state = checkpoint.load(run_dir)
+    if state is None:
+        return f"before the first checkpoint; {run_dir} has nothing to resume"
+    progress = state["progress"]
+    return f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); {resume}"
+
+
+@contextlib.contextmanager
+def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Iterator[None]:
+    """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143."""
+    try:
+        yield
+    except (KeyboardInterrupt, SignalException, ChildFailedError) as error:
+        received = interrupting_signal(error)
+        if received is None or os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        print(f"syncbn.train: interrupted by {received.name} {where_training_stopped(run_dir, resume)}", file=sys.stderr)
+        sys.exit(EXIT_STATUS[received])
+
+
+def describe(error: BaseException) -> str:
+    """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
+    rank's own message, or ours."""
+    if isinstance(error, ChildFailedError):
+        rank, failure = distributed.first_failure(error)
+        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        exit_text = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        return f"rank {rank} failed ({exit_text}): {reason}".rstrip(": ")
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    parts = [str(error)] + ([str(error.__cause__)] if isinstance(error, HydraException) and error.__cause__ else [])
+    lines = [line.strip() for part in parts for line in part.splitlines()]
+    lines = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines))
+    return " ".join(line for line in lines if line and not line.startswith(("reference_type", "object_type")))
+
+
+# OSError: a run directory that cannot be made or written (Hydra makes it before the app runs).
+KNOWN_FAILURES = (ConfigError, DataError, CheckpointError, HydraException, OmegaConfBaseException, ChildFailedError,
+                  OSError)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Known failures end the process with one line on stderr (a traceback with ``--debug``).
+
+    It exits from inside the Hydra job too, so that Hydra adds no lines of its own."""
+    try:
+        yield
+    except Exception as error:
+        if os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            report_to_the_launcher(error)
+        if slurm.is_task():
+            # srun ends the step once a task fails: a rank whose collective failed because its peer
+            # died is ended during this wait, silently (srun names the task that failed first)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            distributed.leave_after_the_launcher_looks()
+        if not isinstance(error, KNOWN_FAILURES):
+            raise
+        print(f"syncbn.train: error: {describe(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def report_to_the_launcher(error: Exception) -> NoReturn:
+    """A torchrun rank's failure goes to the error file torchrun reads, unprinted: ``syncbn.torchrun``
+    names the first rank to fail with its cause, in one line. Each rank printing its own would
+    repeat it, and a rank that fails only because a peer died (its collective's connection reset)
+    would print a traceback of that second failure."""
+    distributed.record_failure(error)
+    distributed.leave_after_the_launcher_looks()
+    distributed.exit_now(1)
