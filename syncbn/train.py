@@ -46,7 +46,7 @@ from syncbn.endings import (KNOWN_FAILURES, interrupts_in_one_line, one_line_err
                             ranks_die_on_interrupt)
 from syncbn.errors import ConfigError
 from syncbn.experiments import batch_size, study_plan, weight_scale
-from syncbn.training import checkpoint, data, loop, models
+from syncbn.training import checkpoint, data, loop, models, tracking
 from syncbn.training.config import Config, is_sweep, register, to_config, validate
 from syncbn.training.resume import nothing_to_resume
 
@@ -87,6 +87,7 @@ def preflight(config: Config, world_size: int) -> None:
     distributed.check(config.dist)
     models.check(config, world_size, distributed.local_processes(world_size), distributed.available_memory())
     loop.check(config.train)
+    tracking.check(config.logger)
     data.check(config, world_size)
 
 

@@ -148,10 +148,10 @@ def require_checkpoint_for(run_dir: Path) -> None:
 
 
 # What a run may change when it continues a checkpoint: how long it trains, how often it saves,
-# how patient it is, where the data and devices are, fault injection. Every other key decides what
+# how patient it is, where the data and devices are, fault injection, tracking. Every other key decides what
 # is trained (model, norm, optim, data, seed, batch sizes, dtype...) and must match.
 MAY_CHANGE = ("train.epochs", "train.resume", "train.checkpoint_every_steps", "train.eval_batch_size", "train.compile",
-              "dist.", "data.root", "data.download", "fault.", "study.max_real_ranks")
+              "dist.", "data.root", "data.download", "fault.", "study.max_real_ranks", "logger.")
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

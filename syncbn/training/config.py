@@ -21,6 +21,7 @@ from syncbn.errors import ConfigError
 NORMS = ("syncbn", "bn", "none", "layernorm", "groupnorm")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "mnist")
+LOGGERS = ("none", "tensorboard")
 DTYPES = ("float32", "float64")
 MODELS = ("mlp", "cnn")
 BACKENDS = ("gloo", "nccl")
@@ -69,6 +70,11 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     dtype: str = "float32"  # float64: N ranks train like one process to rounding (tests, checks)
     compile: bool = False  # torch.compile the network, then DDP (inductor; on CPU it needs a C++ compiler)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # tensorboard: event files in the run directory (the [tensorboard] extra)
 
 
 @dataclass
@@ -134,6 +140,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -195,7 +202,7 @@ def _number_problems(config: Config) -> Iterator[str]:
 def _choice_problems(config: Config) -> Iterator[str]:
     for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
                                 ("data", config.data.name, DATASETS), ("model.name", config.model.name, MODELS),
-                                ("train.dtype", config.train.dtype, DTYPES),
+                                ("train.dtype", config.train.dtype, DTYPES), ("logger", config.logger.name, LOGGERS),
                                 ("dist.backend", config.dist.backend, (None, *BACKENDS))):
         if value not in choices:
             yield f"{key} must be one of {', '.join(c for c in choices if c)}, got {value!r}"

@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
 from syncbn.errors import ConfigError
-from syncbn.training import checkpoint, data
+from syncbn.training import checkpoint, data, tracking
 from syncbn.training.config import Config, FaultConfig, OptimConfig, TrainConfig, members
 from syncbn.training.evaluation import evaluate, member_logits
 from syncbn.training.members import build_network
@@ -154,7 +154,8 @@ class Training:
         # continues instead of killing the same rank at the same step again.
         self.kill_at_step = fault_step(config.fault, ctx.rank) if self.progress.global_step == 0 else None
         self.frozen = FrozenMembers(self.model.module, self.progress.diverged, len(self.members))
-        self.metrics = MetricsLog(run_dir, ctx, self.progress.history)
+        self.logs = [MetricsLog(run_dir, ctx, self.progress.history),
+                     *tracking.open_logs(run_dir, ctx, config, self.progress.epoch)]
 
     def _epoch_totals(self) -> torch.Tensor:
         """This rank's ``[loss sum per member..., samples]`` at the start of (what is left of) the
@@ -229,7 +230,8 @@ class Training:
         # The checkpoint first: killed between the two, the resumed run rewrites metrics.jsonl from
         # the checkpoint's history; the other way round, metrics would outlive their checkpoint.
         self.checkpoints.save(progress)
-        self.metrics.append(records)
+        for sink in self.logs:
+            sink.append(records)
         return records
 
     def fit(self) -> list[dict]:

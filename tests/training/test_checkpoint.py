@@ -97,7 +97,7 @@ def test_what_may_change_on_resume_is_how_long_how_often_and_where():
 KEYS_THAT_MAY_CHANGE = {
     "train.epochs", "train.resume", "train.checkpoint_every_steps", "train.eval_batch_size", "train.compile",
     "dist.nproc", "dist.backend", "dist.device", "dist.timeout_s", "dist.max_restarts",
-    "data.root", "data.download", "fault.kill_rank", "fault.kill_at_step", "study.max_real_ranks",
+    "data.root", "data.download", "fault.kill_rank", "fault.kill_at_step", "study.max_real_ranks", "logger.name",
 }
 
 
