@@ -12,7 +12,7 @@ from app import cli, read_metrics
 
 from syncbn.training.config import SEEDS, Config
 
-CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device", "logger.name"}
+CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device", "logger.name", "train.precision"}
 FREE_TEXT = {"data.root"}  # any path names a place for the data
 
 

@@ -22,6 +22,7 @@ NORMS = ("syncbn", "bn", "none", "layernorm", "groupnorm")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "mnist")
 LOGGERS = ("none", "tensorboard")
+PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float64")
 MODELS = ("mlp", "cnn")
 BACKENDS = ("gloo", "nccl")
@@ -69,6 +70,7 @@ class TrainConfig:
     resume: bool = True
     checkpoint_every_steps: int | None = None
     dtype: str = "float32"  # float64: N ranks train like one process to rounding (tests, checks)
+    precision: str = "fp32"  # bf16 / fp16: autocast over float32 weights (fp16 with a gradient scaler)
     compile: bool = False  # torch.compile the network, then DDP (inductor; on CPU it needs a C++ compiler)
 
 
@@ -203,6 +205,7 @@ def _choice_problems(config: Config) -> Iterator[str]:
     for key, value, choices in (("norm", config.norm.name, NORMS), ("optim", config.optim.name, OPTIMIZERS),
                                 ("data", config.data.name, DATASETS), ("model.name", config.model.name, MODELS),
                                 ("train.dtype", config.train.dtype, DTYPES), ("logger", config.logger.name, LOGGERS),
+                                ("train.precision", config.train.precision, PRECISIONS),
                                 ("dist.backend", config.dist.backend, (None, *BACKENDS))):
         if value not in choices:
             yield f"{key} must be one of {', '.join(c for c in choices if c)}, got {value!r}"
@@ -243,6 +246,8 @@ def _value_problems(config: Config) -> Iterator[str]:
          f"data.train_size must be >= 1 or null (all), got {config.data.train_size}"),
         (train.checkpoint_every_steps is None or train.checkpoint_every_steps >= 1,
          f"train.checkpoint_every_steps must be >= 1 or null, got {train.checkpoint_every_steps}"),
+        (train.precision == "fp32" or train.dtype == "float32",
+         f"train.precision={train.precision} lowers float32 work: it needs train.dtype=float32, got {train.dtype}"),
         (dist.timeout_s > 0, f"dist.timeout_s must be > 0, got {dist.timeout_s}"),
         (dist.max_restarts >= 0, f"dist.max_restarts must be >= 0, got {dist.max_restarts}"),
     ]
@@ -284,6 +289,9 @@ def _sweep_problems(config: Config) -> Iterator[str]:
         yield "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"
     if not is_sweep(config):
         return
+    if config.train.precision == "fp16":
+        yield ("train.precision=fp16 trains one network: its gradient scaler skips every member's step when one "
+               "member's gradients overflow; a sweep or study takes bf16")
     if config.norm.ghost_slices is not None:
         yield "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"
     if config.study.per_device_batch is not None:

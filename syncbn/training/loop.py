@@ -11,6 +11,7 @@ batches differ in size. With SyncBatchNorm, N ranks therefore train like one pro
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -37,6 +38,8 @@ from syncbn.training.records import MetricsLog, log_epoch
 from syncbn.training.resume import Checkpoints, Progress
 
 log = logging.getLogger(__name__)
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision: autocast's dtype
 
 # torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns).
 _SYNC_BUFFERS = next(
@@ -143,10 +146,14 @@ class Training:
         self.model = wrap_ddp(network, ctx.device, sync_buffers=self.has_bn)
         self.dtype = next(self.model.parameters()).dtype  # train.dtype; the batches are cast to it
         self.optimizer = make_optimizer(config.optim, self.model.parameters())
+        precision = config.train.precision
+        self.autocast = functools.partial(torch.autocast, ctx.device.type, dtype=AUTOCAST.get(precision),
+                                          enabled=precision in AUTOCAST)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
         self.batches = data.RankBatches(len(self.train_set), config.train.global_batch_size, ctx.world_size,
                                         ctx.rank, config.seed)
         signature = checkpoint.signature(config, ctx.world_size, self.model.module)
-        self.checkpoints = Checkpoints(run_dir, ctx, signature, self.model.module, self.optimizer)
+        self.checkpoints = Checkpoints(run_dir, ctx, signature, self.model.module, self.optimizer, self.scaler)
         resume = run_dir is not None and config.train.resume
         self.progress = self.checkpoints.resume() if resume else Progress()
         self.checkpoints.check_ranks_agree(self.progress)
@@ -183,12 +190,14 @@ class Training:
         for index in self.batches.epoch(progress.epoch)[progress.step :]:
             images = images_all[index].to(self.ctx.device, self.dtype, non_blocking=True)
             labels = labels_all[index].to(self.ctx.device, non_blocking=True)
-            loss_sums = member_loss_sums(member_logits(self.model(images)), labels)
+            with self.autocast():
+                loss_sums = member_loss_sums(member_logits(self.model(images)), labels)
             self.optimizer.zero_grad(set_to_none=True)
             # DDP averages the W ranks' gradients: each rank's share of the global mean, times W.
             share = self.ctx.world_size / self.batches.global_size(progress.step)
-            (loss_sums.sum() * share).backward()
-            self.optimizer.step()
+            self.scaler.scale(loss_sums.sum() * share).backward()
+            self.scaler.step(self.optimizer)  # disabled (fp32, bf16): optimizer.step() itself
+            self.scaler.update()
             self.frozen.restore()
             totals += torch.cat([loss_sums.detach().double(), totals.new_tensor([labels.numel()])])
             progress.step += 1

@@ -62,8 +62,9 @@ class Checkpoints:
     (rank 0 only; ``run_dir`` None: a run that keeps nothing)."""
 
     def __init__(self, run_dir: Path | None, ctx: DistContext, signature: dict, model: nn.Module,
-                 optimizer: torch.optim.Optimizer):
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
         self.run_dir, self.ctx, self.signature, self.model, self.optimizer = run_dir, ctx, signature, model, optimizer
+        self.scaler = scaler
 
     def resume(self) -> Progress:
         """The progress of the newest checkpoint, with the model, optimizer and RNG states it holds
@@ -74,6 +75,8 @@ class Checkpoints:
         checkpoint.check_compatible(state, self.signature, self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # fp16's loss scale and its growth count; empty where the scaler is off
+            self.scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
         checkpoint.restore_rng_states(state["rng"])
         if self.ctx.is_main:
@@ -106,6 +109,7 @@ class Checkpoints:
             signature=self.signature,
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
             progress=asdict(progress),
             rng=checkpoint.rng_states(),
         ))

@@ -217,6 +217,13 @@ BOUNDARIES = [
     (["sweep.bn_slices=[4]", "norm=bn", "sweep.norms=[syncbn,none]"], 1,
      "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"),
     (["sweep.bn_slices=[4]", "norm=syncbn", "sweep.norms=[none,bn]"], 1, None),
+    (["train.precision=fp16", "sweep.seeds=[0,1]"], 1,
+     "train.precision=fp16 trains one network: its gradient scaler skips every member's step when one member's "
+     "gradients overflow; a sweep or study takes bf16"),
+    (["train.precision=fp16"], 1, None), (["train.precision=bf16", "sweep.seeds=[0,1]"], 1, None),
+    (["train.precision=bf16", "train.dtype=float64"], 1,
+     "train.precision=bf16 lowers float32 work: it needs train.dtype=float32, got float64"),
+    (["train.precision=fp32", "train.dtype=float64"], 1, None),
     (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], 1,
      "norm.ghost_slices emulates per-rank BatchNorm in a single run, not in a sweep: leave it null"),
     (["sweep.seeds=[0,1]", "study.per_device_batch=50"], 1,
