@@ -13,6 +13,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
 from syncbn.errors import ConfigError
 
 PORTS = (29500, 16_000)  # the rendezvous port of a job step: the first, and how many are used
@@ -52,9 +55,14 @@ def rendezvous_port(job_id: str, step_id: str) -> int:
 
 
 def torchrun_variables(environ: Mapping[str, str]) -> dict[str, str]:
-    """torchrun's variables for a task ``srun`` started, else nothing. ``MASTER_ADDR`` and
-    ``MASTER_PORT`` set by the user (for a port the cluster allows) are kept."""
-    if "SLURM_STEP_NUM_TASKS" not in environ or "RANK" in environ:
+    """torchrun's variables for a task ``srun`` or submitit's local executor started, else
+    nothing. ``MASTER_ADDR`` and ``MASTER_PORT`` set by the user (for a port the cluster allows)
+    are kept."""
+    if "RANK" in environ:
+        return {}
+    if "SUBMITIT_LOCAL_GLOBALID" in environ:
+        return submitit_local_variables(environ)
+    if "SLURM_STEP_NUM_TASKS" not in environ:
         return {}
     return {
         "RANK": environ["SLURM_PROCID"],
@@ -76,3 +84,25 @@ def how_to_resume(environ: Mapping[str, str], run_dir: Path) -> str:
     """A job resumes by its own ID (requeued, it keeps its directory) or by a new one given the directory."""
     return (f"scontrol requeue {environ['SLURM_JOB_ID']}, or sbatch with SYNCBN_RUN_DIR={run_dir}, "
             f"resumes from {run_dir}")
+
+
+def submitit_local_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """submitit's local executor starts a job's tasks on this machine, as srun would on one node."""
+    tasks = environ["SUBMITIT_LOCAL_NTASKS"]
+    return {"RANK": environ["SUBMITIT_LOCAL_GLOBALID"], "WORLD_SIZE": tasks,
+            "LOCAL_RANK": environ["SUBMITIT_LOCAL_LOCALID"], "LOCAL_WORLD_SIZE": tasks,
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or "127.0.0.1",
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(rendezvous_port(environ["SUBMITIT_LOCAL_JOB_ID"], "0"))}
+
+
+class TaskThreads(Callback):
+    """Hydra callback (every multirun, conf/config.yaml). A multirun sent through submitit starts
+    each rank as a process of its own: their ``OMP_NUM_THREADS`` is set here, before they start, to
+    the CPUs each task is given (1 unless ``hydra.launcher.cpus_per_task``), as torchrun sets 1 for
+    its ranks. A process that starts with another count can round differently (seen here: the last
+    bits of the first epoch's loss against the same job on ``dist.nproc=2``)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = config.hydra.launcher
+        if "submitit" in str(launcher.get("_target_", "")):
+            os.environ.setdefault("OMP_NUM_THREADS", str(launcher.get("cpus_per_task") or 1))

@@ -211,6 +211,8 @@ def nothing_to_train(reasons: list[str | None], run_dir: Path) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    # A launcher plugin (submitit) calls this in each rank's process, past ``cli``.
+    os.environ.update(slurm.torchrun_variables(os.environ))
     with one_line_errors():
         run_dir = output_dir(HydraConfig.get())
         with nothing_left_if_refused(run_dir):

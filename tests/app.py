@@ -25,10 +25,10 @@ def compose_config(*overrides: str) -> Config:
         return to_config(compose("config", overrides=list(overrides)))
 
 
-def run(args: list[str], timeout: float = 180, **env) -> subprocess.CompletedProcess:
-    """``args`` in the repository root, with this interpreter's scripts first on PATH; must succeed."""
+def run(args: list[str], timeout: float = 180, cwd: Path = ROOT, **env) -> subprocess.CompletedProcess:
+    """``args`` in ``cwd`` (the repository root), with this interpreter's scripts first on PATH; must succeed."""
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 

@@ -1,6 +1,9 @@
+import os
+
 import numpy as np
 import pytest
 
+import slurm_cluster
 from gloo import GlooGroup
 from idx import write_idx
 
@@ -45,3 +48,15 @@ def tiny_mnist(tmp_path):
     for name, array in arrays.items():
         write_idx(raw / name, array)
     return tmp_path, arrays
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real one-node SLURM cluster on this machine (``tests/slurm_cluster.py``), for the session;
+    the tests skip where it cannot start, except where ``SYNCBN_REQUIRE_SLURM=1`` (CI) says it must."""
+    reason = slurm_cluster.why_not()
+    if reason is not None:
+        if os.environ.get("SYNCBN_REQUIRE_SLURM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield from slurm_cluster.running(tmp_path_factory.mktemp("slurm"))

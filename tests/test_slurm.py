@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from app import ROOT, read_metrics, run, strip
 
-import slurm_cluster
 from syncbn import slurm
 from syncbn.errors import ConfigError
 
@@ -60,6 +59,16 @@ def test_steps_running_at_once_rendezvous_on_different_ports():
     assert len(ports) == 6 and all(29500 <= port < 29500 + 16_000 for port in ports)
 
 
+def test_a_task_of_submitits_local_executor_gets_torchruns_variables_for_its_place():
+    task = {"SUBMITIT_LOCAL_NTASKS": "3", "SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "2",
+            "SUBMITIT_LOCAL_JOB_ID": "4321"}
+    assert slurm.torchrun_variables(task) == {
+        "RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + 4321 * 16 % 16_000)}
+    assert slurm.torchrun_variables({**task, "MASTER_PORT": "40000"})["MASTER_PORT"] == "40000"
+    assert slurm.torchrun_variables({**task, "RANK": "0"}) == {}
+
+
 @pytest.mark.parametrize("environ", [
     {}, {key: value for key, value in SRUN_TASK.items() if key != "SLURM_STEP_NUM_TASKS"},  # a batch script's shell
     {**SRUN_TASK, "RANK": "0"},  # torchrun under srun: its own variables
@@ -69,16 +78,6 @@ def test_only_a_task_srun_started_and_no_agent_numbered_is_translated(environ):
 
 
 # The real cluster.
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    reason = slurm_cluster.why_not()
-    if reason is not None:
-        if os.environ.get("SYNCBN_REQUIRE_SLURM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield from slurm_cluster.running(tmp_path_factory.mktemp("slurm"))
-
 
 def submit(cluster, run_dir: Path, *overrides: str, wait: bool = True) -> str:
     """``sbatch launch/slurm.sbatch`` with the run directory pinned, as a user submits it from the
