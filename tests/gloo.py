@@ -1,4 +1,4 @@
-"""Run functions on N real processes joined in one Gloo group, started once and reused.
+"""Run functions on N real processes joined in one Gloo group (or NCCL, a GPU each), started once and reused.
 
 Starting a process that imports torch takes seconds on a small machine, so a ``GlooGroup`` starts
 its ranks once and then runs many calls on them: ``group.run(fn, *args)`` calls ``fn(*args)`` on
@@ -23,10 +23,12 @@ class RankError(RuntimeError):
     """An exception raised on one of the ranks; its message holds the remote traceback."""
 
 
-def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, conn) -> None:
+def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, conn, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":  # a GPU per rank
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world_size,
@@ -45,8 +47,9 @@ def _serve(rank: int, world_size: int, init_file: str, timeout_s: float, conn) -
 
 
 class GlooGroup:
-    def __init__(self, world_size: int, call_timeout_s: float = 60.0, collective_timeout_s: float = 20.0):
-        self.world_size = world_size
+    def __init__(self, world_size: int, call_timeout_s: float = 60.0, collective_timeout_s: float = 20.0,
+                 backend: str = "gloo"):
+        self.world_size, self.backend = world_size, backend
         self.call_timeout_s = call_timeout_s
         self.collective_timeout_s = collective_timeout_s
         self._procs: list = []
@@ -61,7 +64,7 @@ class GlooGroup:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_serve,
-                args=(rank, self.world_size, init_file, self.collective_timeout_s, child),
+                args=(rank, self.world_size, init_file, self.collective_timeout_s, child, self.backend),
                 daemon=True,
             )
             proc.start()
