@@ -70,8 +70,13 @@ class SyncBatchNorm(_BatchNorm):
         process_group: dist.ProcessGroup | None = None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # torch's keywords as torch takes them: ``bias`` (with ``affine``, a weight and no bias)
+        # exists from torch 2.14 on, and only a torch that has it is passed it.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
         self.process_group = process_group
         self.plain_class: type[_BatchNorm] | None = None
         self.last_input_dim: int | None = None
@@ -151,12 +156,14 @@ class GhostBatchNorm(_BatchNorm):
 
 
 def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
-    """Give ``target`` the very parameter and buffer objects of ``source``, and its mode."""
+    """Give ``target`` the very parameter and buffer objects of ``source``, its mode and its ``qconfig``."""
     for name in ("weight", "bias"):
         setattr(target, name, getattr(source, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(target, name, getattr(source, name))
     target.train(source.training)
+    if hasattr(source, "qconfig"):  # quantization's settings travel with the layer, as torch's convert keeps them
+        target.qconfig = source.qconfig
     return target
 
 

@@ -52,6 +52,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     eps: float = 1e-5
     layout: str | None = None  # a key of LAYOUTS, or contiguous in ``memory_format``
+    bias: bool = True  # False: with ``affine``, a weight and no bias (torch 2.14's ``bias=False``)
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -72,12 +73,15 @@ class Case:
 
     def make(self, cls, **kwargs) -> nn.Module:
         layer = cls(self.sample_shape[0], eps=self.eps, momentum=self.momentum, affine=self.affine,
-                    track_running_stats=self.track, dtype=torch.float64, **kwargs)
+                    track_running_stats=self.track, dtype=torch.float64, **({} if self.bias else {"bias": False}),
+                    **kwargs)
         if self.affine:
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 layer.weight.copy_(1 + 0.5 * torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64))
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
+                bias = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64)
+                if layer.bias is not None:
+                    layer.bias.copy_(bias)
         return layer
 
     def local(self, t: torch.Tensor, rank: int, sizes: tuple | None = None) -> torch.Tensor:
@@ -175,6 +179,16 @@ def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, sp
     for momentum, affine, track in FLAGS:
         case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track)
         ranks = gloo_group(world_size).run(run_layer_on_rank, case)
+        assert_matches_reference(case, ranks, reference(case))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_weight_without_a_bias_synchronizes_like_batchnorm_on_the_global_batch(gloo_group, world_size):
+    for shape, split in (("NC", "unequal"), ("NCHW-channels_last", "zero-on-rank-0")):
+        sample_shape, memory_format = SHAPES[shape]
+        case = Case(sample_shape, memory_format, SPLITS[split][:world_size], bias=False)
+        ranks = gloo_group(world_size).run(run_layer_on_rank, case)
+        assert all(r["bias_grad"] is None for r in ranks)
         assert_matches_reference(case, ranks, reference(case))
 
 

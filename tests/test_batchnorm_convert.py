@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import pytest
@@ -63,3 +64,55 @@ def test_revert_needs_a_known_shape():
     saw_6d(torch.randn(2, 3, 2, 1, 1, 2))
     with pytest.raises(ValueError, match="^no plain torch BatchNorm takes the 6D input this SyncBatchNorm last saw$"):
         revert_sync_batchnorm(saw_6d)
+
+
+# The interface of the installed torch's nn.SyncBatchNorm, read from torch itself: an argument a new
+# torch adds shows up here as a failure, not as a surprise to a user.
+TORCH_PARAMETERS = inspect.signature(nn.SyncBatchNorm.__init__).parameters
+FLAG_ARGUMENTS = [name for name, p in TORCH_PARAMETERS.items() if isinstance(p.default, bool)]
+
+
+def test_every_constructor_argument_of_torchs_syncbatchnorm_is_ours_with_its_kind_and_default():
+    ours = inspect.signature(SyncBatchNorm.__init__).parameters
+    assert list(ours) == list(TORCH_PARAMETERS)
+    for name, theirs in TORCH_PARAMETERS.items():
+        assert (ours[name].kind, ours[name].default) == (theirs.kind, theirs.default), name
+
+
+@pytest.mark.parametrize("flags", list(itertools.product((True, False), repeat=len(FLAG_ARGUMENTS))),
+                         ids=lambda flags: "-".join(map(str, flags)))
+def test_every_flag_combination_gives_torchs_attributes_state_dict_keys_and_outputs(flags):
+    """The same attributes (ours has two more, for revert), parameters, buffers and state-dict keys,
+    and in one process (no group) the same training and eval outputs and running statistics."""
+    kwargs = dict(zip(FLAG_ARGUMENTS, flags))
+    torch.manual_seed(0)
+    theirs, ours = nn.SyncBatchNorm(3, **kwargs), SyncBatchNorm(3, **kwargs)
+    assert vars(theirs).keys() - {"_forward_pre_hooks_with_kwargs"} <= vars(ours).keys()
+    assert {k: getattr(ours, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")} == \
+        {k: getattr(theirs, k) for k in ("num_features", "eps", "momentum", "affine", "track_running_stats")}
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    plain = nn.BatchNorm1d(3, **kwargs)  # what torch's layer computes without a group, on the CPU
+    x = torch.randn(6, 3, dtype=torch.float64)
+    ours, plain = ours.double(), plain.double()
+    assert torch.equal(ours(x), plain(x))
+    ours.eval(), plain.eval()
+    assert torch.equal(ours(x), plain(x))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
+
+
+def test_convert_and_revert_carry_everything_torchs_convert_carries():
+    """torch's convert keeps the parameters and buffers, the mode, the flags (a weight without a
+    bias included) and ``qconfig``; so do ours, both ways."""
+    model = nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.BatchNorm1d(4, affine=False))
+    model[0].qconfig = "a quantization config"
+    model[1].eval()
+    for converted in (convert_sync_batchnorm(model), nn.SyncBatchNorm.convert_sync_batchnorm(
+            nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.BatchNorm1d(4, affine=False)))):
+        assert converted[0].bias is None and converted[0].weight is not None and converted[1].weight is None
+    layers = convert_sync_batchnorm(model)
+    assert layers[0].qconfig == "a quantization config" and not hasattr(layers[1], "qconfig")
+    assert (layers[0].training, layers[1].training) == (True, False)
+    reverted = revert_sync_batchnorm(layers)
+    assert type(reverted[0]) is nn.BatchNorm2d and reverted[0].bias is None and reverted[0].qconfig == "a quantization config"
+    assert not hasattr(reverted[1], "qconfig") and reverted[1].weight is None and not reverted[1].training
