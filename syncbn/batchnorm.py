@@ -23,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncbn.functional import sync_batch_norm
 
+COLLECTIVES = ("all_gather", "all_reduce")  # each way: every rank's moments gathered, or their shifted sums
+
 _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
     3: nn.BatchNorm1d,
@@ -72,11 +74,21 @@ class SyncBatchNorm(_BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
+        collective: str = "all_gather",
     ) -> None:
         # torch's keywords as torch takes them: ``bias`` (with ``affine``, a weight and no bias)
         # exists from torch 2.14 on, and only a torch that has it is passed it.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **({} if bias else {"bias": False}))
+        if collective not in COLLECTIVES:
+            raise ValueError(f"SyncBatchNorm collective must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
+        if collective == "all_reduce" and not track_running_stats:
+            raise ValueError("SyncBatchNorm collective='all_reduce' shifts the moments by the running mean: it needs "
+                             "track_running_stats=True")
+        self.collective = collective
+        # The all-reduce's shift is the running mean once a step has moved it from its start (0):
+        # a first step, whose means may be far from 0, is merged by all-gather, exactly.
+        self.shift_ready = False
         self.process_group = process_group
         self.plain_class: type[_BatchNorm] | None = None
         self.last_input_dim: int | None = None
@@ -105,8 +117,16 @@ class SyncBatchNorm(_BatchNorm):
         # cannot take without a graph break (pytorch/pytorch#194504); the synchronized core can.
         alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
         if group is not None or alone_compiled:
-            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
+            # A copy: the function updates the running mean in place (and dynamo refuses one tensor
+            # passed as two of its inputs).
+            shift = running_mean.clone() if self.collective == "all_reduce" and self.shift_ready else None
+            self.shift_ready = running_mean is not None
+            return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group,
+                                   shift)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.collective == "all_gather" else f", collective={self.collective}")
 
     def _group(self) -> dist.ProcessGroup | None:
         """The group of more than one rank whose batches the training statistics span, or None: no
@@ -190,8 +210,10 @@ def _replace_layers(module: nn.Module, replace) -> nn.Module:
     return module
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours.
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None,
+                           collective: str = "all_gather") -> nn.Module:
+    """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours, each with
+    ``collective`` (a layer without running statistics keeps the all-gather, which needs none).
     ``GhostBatchNorm``, which emulates unsynchronized ranks on purpose, is left as it is.
 
     The new layers hold the same parameter and buffer objects and the same train/eval mode.
@@ -201,7 +223,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     def to_sync(layer: nn.Module) -> SyncBatchNorm | None:
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):
             return None
-        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group))
+        chosen = collective if layer.track_running_stats else "all_gather"
+        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group, collective=chosen))
         if not isinstance(layer, nn.SyncBatchNorm):
             converted.plain_class = type(layer)
         return converted

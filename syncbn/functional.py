@@ -117,6 +117,65 @@ def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_count
     return moments.view(2, channels)
 
 
+def shifted_moments(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """This rank's ``[n, n (m - s), M2 + n (m - s)^2]`` per channel in float64 (``m``, ``M2``: its
+    mean and sum of squared deviations; ``s``: a shift every rank shares): the group's sums of these
+    give its count, mean and variance, by one all-reduce."""
+    count, moments = local_moments(x).split([1, 2 * x.size(1)])
+    mean, var = moments.view(2, -1)
+    deviation = mean - _cast(shift, torch.float64)
+    shifted = count * deviation
+    return torch.cat([count, shifted, count * var + shifted * deviation])
+
+
+def unshift(summed: torch.Tensor, shift: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """The group's mean and biased variance, rows of one (2, C) float64 tensor, from its sums
+    ``[N, S1, S2]``: ``mean = s + S1 / N``, ``var = (S2 - S1^2 / N) / N``. The subtraction cancels
+    as much as ``(mean - s)^2`` exceeds the variance, so the shift must lie near the mean
+    (docs/layer.md). With no value anywhere: the shift and 0, which nothing uses."""
+    s1, s2 = summed[1:].view(2, -1) / _at_least_one(count)
+    return torch.stack([_cast(shift, torch.float64) + s1, (s2 - s1 * s1).clamp_(min=0)])
+
+
+def reduced_count(summed: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
+    """The group's values per channel from the all-reduced sums, with BatchNorm's check, as
+    ``group_count`` does for the gathered rows."""
+    return group_count(summed[:1].view(1, 1), x)[0]
+
+
+def start_sum(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str,
+              collective: str) -> Callable[[], torch.Tensor]:
+    """Start adding up every rank's ``packed``: an all-reduce, or an all-gather whose rows are then
+    added in rank order; either way every rank gets the same bits."""
+    if collective == "all_reduce":
+        return start_all_reduce(packed, group, phase)
+    gathered = start_all_gather(packed, group, phase)
+    return lambda: gathered().sum(0)
+
+
+def start_all_reduce(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
+    """Start summing ``packed`` over the group, in place; the function returned waits for the sum. Gloo's and NCCL's algorithms reduce each part of the vector once and
+    hand that result to every rank, so every rank gets the same bits."""
+    if group is None:
+        return lambda: packed
+    if torch.compiler.is_compiling():
+        summed = funcol.all_reduce(packed, "sum", group)
+        return lambda: summed
+    try:
+        work = dist.all_reduce(packed, group=group, async_op=True)
+    except RuntimeError as error:
+        raise _failed(phase, group.size(), error, "all_reduce") from error
+
+    def wait() -> torch.Tensor:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise _failed(phase, group.size(), error, "all_reduce") from error
+        return packed
+
+    return wait
+
+
 def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
     """Start gathering every rank's ``packed`` as the rows of a (W, n) tensor; the function returned
     waits for them. Work that does not need them belongs in between, while they travel: on a
@@ -146,11 +205,11 @@ def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phas
     return wait
 
 
-def _failed(phase: str, world_size: int, error: RuntimeError) -> RuntimeError:
+def _failed(phase: str, world_size: int, error: RuntimeError, collective: str = "all_gather") -> RuntimeError:
     # The backend's message (a timeout, a closed connection) does not say which call it was.
     detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
     return RuntimeError(
-        f"SyncBatchNorm {phase}: all_gather over {world_size} ranks failed, a rank stopped, died or took "
+        f"SyncBatchNorm {phase}: {collective} over {world_size} ranks failed, a rank stopped, died or took "
         f"a different path before joining it (process-group timeout / connection loss): {detail}"
     )
 
@@ -179,12 +238,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the union of the group's batches."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
-        gathered = start_all_gather(local_moments(x), group, "forward")()
-        count, equal_counts = group_count(gathered, x)
-        mean, var = _cast(merge_moments(gathered, count, equal_counts), stat_dtype(x.dtype))
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, shift):
+        if shift is None:  # all-gather: Chan's merge of the rows
+            gathered = start_all_gather(local_moments(x), group, "forward")()
+            count, equal_counts = group_count(gathered, x)
+            moments = merge_moments(gathered, count, equal_counts)
+        else:  # all-reduce of the shifted sums
+            summed = start_all_reduce(shifted_moments(x, shift), group, "forward")()
+            count = reduced_count(summed, x)
+            moments = unshift(summed, shift, count)
+        mean, var = _cast(moments, stat_dtype(x.dtype))
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         ctx.eps, ctx.group = eps, group
+        ctx.collective = "all_gather" if shift is None else "all_reduce"
         ctx.weight_dtype = None if weight is None else weight.dtype
         # Compiled, the count is a tensor of the graph and must be saved as one.
         ctx.count = None if isinstance(count, torch.Tensor) else count
@@ -197,12 +263,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         if not torch.is_grad_enabled():
-            return *_gradients(ctx, grad_out, *saved), None, None, None, None, None
+            return *_gradients(ctx, grad_out, *saved), None, None, None, None, None, None
         # create_graph=True: the first derivatives are kept, the second refused.
         with torch.no_grad():
             grads = _gradients(ctx, grad_out, *saved)
         x, weight = saved[:2]
-        return *_NoSecondDerivative.apply(grad_out, x, weight, *grads), None, None, None, None, None
+        return *_NoSecondDerivative.apply(grad_out, x, weight, *grads), None, None, None, None, None, None
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -233,10 +299,10 @@ def _gradients(ctx, grad_out, x, weight, mean, var, count) -> tuple[torch.Tensor
     grad_input = None
     if ctx.needs_input_grad[0]:
         # Every rank gathers, even one with no values: its peers may have some.
-        gathered = start_all_gather(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward")
+        sums = start_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward", ctx.collective)
         count = ctx.count if count is None else count
         per_sum, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps, count)  # while the sums travel
-        grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, gathered().sum(0))
+        grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, sums())
     return grad_input, grad_weight, grad_bias
 
 
@@ -289,10 +355,15 @@ def sync_batch_norm(
     momentum: float,
     eps: float,
     group: dist.ProcessGroup | None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training-mode batch norm with statistics over every rank of ``group`` (or this rank's batch
     alone for None: what a compiled layer with ``momentum=None`` runs outside a group, where
     ``F.batch_norm`` cannot take the cumulative average's momentum as a traced value).
+
+    ``shift``: None, one all-gather each way (Chan's merge of every rank's moments); a per-channel
+    tensor equal on every rank and near the channels' means, one all-reduce each way of the moments
+    shifted by it (``shifted_moments``), whose traffic does not grow with the number of ranks.
 
     Gradients: ``x.grad`` is the gradient of the *sum* of all ranks' losses; ``weight.grad`` and
     ``bias.grad`` are this rank's share of it, so their sum over ranks (or DDP's average, paired
@@ -300,4 +371,4 @@ def sync_batch_norm(
     """
     if eps <= 0:  # as F.batch_norm in training; the layer's own passes run it in eval mode
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group)
+    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group, shift)

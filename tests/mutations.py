@@ -47,6 +47,9 @@ def errors(name: str) -> str:
     return f"tests/test_train_errors.py::{name}"
 
 
+STALLED = "tests/test_functional.py::test_a_stalled_rank_makes_the_others_fail_within_the_timeout_naming_the_collective"
+
+
 def distributed(name: str) -> str:
     return f"tests/test_distributed.py::{name}"
 
@@ -175,8 +178,20 @@ MUTATIONS = [
              "return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,",
              "return torch.batch_norm(x, weight, bias, mean, var, True, 0.0, eps,",
              (layer("test_parity_with_batchnorm_on_global_batch"),)),
-    Mutation("failed-backward-named-forward", "syncbn/functional.py", 'ctx.group, "backward")', 'ctx.group, "forward")',
-             ("tests/test_functional.py::test_a_stalled_rank_makes_the_others_fail_within_the_timeout",)),
+    Mutation("failed-backward-named-forward", "syncbn/functional.py", 'ctx.group, "backward", ctx.collective)',
+             'ctx.group, "forward", ctx.collective)', (STALLED,)),
+    Mutation("failed-all-reduce-named-all-gather", "syncbn/functional.py",
+             '            raise _failed(phase, group.size(), error, "all_reduce") from error\n',
+             '            raise _failed(phase, group.size(), error) from error\n', (STALLED,)),
+    Mutation("all-reduce-shift-ready-never", "syncbn/batchnorm.py", "self.shift_ready = running_mean is not None",
+             "self.shift_ready = False",
+             (layer("test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits"),)),
+    Mutation("all-reduce-packs-unshifted-means", "syncbn/functional.py",
+             "    deviation = mean - _cast(shift, torch.float64)\n", "    deviation = mean\n",
+             (layer("test_parity_with_batchnorm_on_global_batch"),)),
+    Mutation("all-reduce-backward-gathers", "syncbn/functional.py",
+             '    if collective == "all_reduce":\n        return start_all_reduce(packed, group, phase)\n', "",
+             (layer("test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits"),)),
     Mutation("unequal-counts-merged-without-spread", "syncbn/functional.py",
              "    moments[:, channels:] += weights @ (deviation * deviation)\n", "",
              (layer("test_parity_with_batchnorm_on_global_batch"),)),

@@ -53,6 +53,7 @@ class Case:
     eps: float = 1e-5
     layout: str | None = None  # a key of LAYOUTS, or contiguous in ``memory_format``
     bias: bool = True  # False: with ``affine``, a weight and no bias (torch 2.14's ``bias=False``)
+    collective: str = "all_gather"
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -106,7 +107,7 @@ def run_layer_on_rank(case: Case, compiled: bool = False) -> dict:
     """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step;
     ``compiled``: through ``torch.compile(fullgraph=True)`` (which raises on any graph break)."""
     rank = dist.get_rank()
-    layer = case.make(SyncBatchNorm)
+    layer = case.make(SyncBatchNorm, collective=case.collective)
     if compiled:
         torch._dynamo.reset()  # a new case, a new cache: dynamo allows 8 compiles of one forward
     model = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer
@@ -171,13 +172,18 @@ PARITY = [
 ]
 
 
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
 @pytest.mark.parametrize("world_size,shape,split", PARITY)
-def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, split):
+def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, split, collective):
     """Outputs, all gradients, running statistics and eval outputs equal nn.BatchNorm's on the
-    concatenated batch (float64, 1e-10), for every flag combination."""
+    concatenated batch (float64, 1e-10), for every flag combination (the all-reduce: those with
+    running statistics, its shift; its first step is an all-gather, the next two all-reduces)."""
     sample_shape, memory_format = SHAPES[shape]
     for momentum, affine, track in FLAGS:
-        case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track)
+        if collective == "all_reduce" and not track:
+            continue
+        case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track,
+                    collective=collective)
         ranks = gloo_group(world_size).run(run_layer_on_rank, case)
         assert_matches_reference(case, ranks, reference(case))
 
@@ -249,17 +255,20 @@ def test_without_process_group_it_is_plain_batchnorm_and_silent():
     assert torch.equal(ours.running_var, plain.running_var)
 
 
-def normalize_in_pairs(x_global: torch.Tensor) -> torch.Tensor:
-    """Ranks {0, 1} and {2, 3} each synchronize within their own pair only."""
+def normalize_in_pairs(x_global: torch.Tensor, collective: str) -> torch.Tensor:
+    """Ranks {0, 1} and {2, 3} each synchronize within their own pair only: the second step's
+    output (the all-reduce's first step gathers)."""
     rank = dist.get_rank()
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    layer = SyncBatchNorm(x_global.size(1), process_group=pairs[rank // 2], dtype=torch.float64)
+    layer = SyncBatchNorm(x_global.size(1), process_group=pairs[rank // 2], dtype=torch.float64, collective=collective)
+    layer(x_global.chunk(4)[rank] * 3 + 2)
     return layer(x_global.chunk(4)[rank]).detach()
 
 
-def test_subgroups_synchronize_within_their_own_group(gloo_group):
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
+def test_subgroups_synchronize_within_their_own_group(gloo_group, collective):
     x = torch.randn(4 * 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    outputs = gloo_group(4).run(normalize_in_pairs, x)
+    outputs = gloo_group(4).run(normalize_in_pairs, x, collective)
     for pair in (0, 1):
         pair_batch = x[pair * 6 : pair * 6 + 6]
         expected = F.batch_norm(pair_batch, None, None, training=True)
@@ -366,3 +375,38 @@ def test_ghost_batchnorm_with_one_slice_is_batchnorm_and_checks_the_batch():
         GhostBatchNorm(4, slices=4)(x)
     with pytest.raises(ValueError, match="^GhostBatchNorm needs at least 1 slice, got 0$"):
         GhostBatchNorm(4, slices=0)
+
+
+def collectives_and_statistics_on_rank(collective: str) -> dict:
+    """Three training steps of a 2-rank layer: the collectives of each, and each rank's running
+    statistics after them."""
+    torch.manual_seed(dist.get_rank())
+    layer, counts = SyncBatchNorm(4, collective=collective).double(), []
+    for _ in range(3):
+        x = (torch.randn(5, 4, dtype=torch.float64) * 3 + 7).requires_grad_()
+        with count_collectives() as counted:
+            layer(x).sum().backward()
+        counts.append(dict(counted))
+    return dict(counts=counts, running_mean=layer.running_mean, running_var=layer.running_var)
+
+
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
+def test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits(gloo_group, collective):
+    """The all-reduce's first step gathers (its shift, the running mean, has not moved from 0 yet);
+    from then on one all-reduce each way. The statistics every rank computes are bit for bit the same."""
+    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, collective)
+    gather, reduce = {"c10d::_allgather_base_": 2}, {"c10d::allreduce_": 2}
+    expected = [gather] * 3 if collective == "all_gather" else [gather, reduce, reduce]
+    assert all(r["counts"] == expected for r in ranks)
+    assert torch.equal(ranks[0]["running_mean"], ranks[1]["running_mean"])
+    assert torch.equal(ranks[0]["running_var"], ranks[1]["running_var"])
+
+
+def test_a_collective_the_layer_does_not_have_or_an_all_reduce_without_its_shift_is_refused():
+    with pytest.raises(ValueError, match="SyncBatchNorm collective must be one of all_gather, all_reduce, got 'ring'"):
+        SyncBatchNorm(3, collective="ring")
+    with pytest.raises(ValueError, match="collective='all_reduce' shifts the moments by the running mean: it needs "
+                                         "track_running_stats=True"):
+        SyncBatchNorm(3, collective="all_reduce", track_running_stats=False)
+    assert "collective=all_reduce" in repr(SyncBatchNorm(3, collective="all_reduce"))
+    assert "collective" not in repr(SyncBatchNorm(3))

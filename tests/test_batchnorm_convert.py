@@ -74,7 +74,8 @@ FLAG_ARGUMENTS = [name for name, p in TORCH_PARAMETERS.items() if isinstance(p.d
 
 def test_every_constructor_argument_of_torchs_syncbatchnorm_is_ours_with_its_kind_and_default():
     ours = inspect.signature(SyncBatchNorm.__init__).parameters
-    assert list(ours) == list(TORCH_PARAMETERS)
+    assert list(ours) == [*TORCH_PARAMETERS, "collective"], "torch's, in torch's order, then ours, keyword-only"
+    assert ours["collective"].kind == inspect.Parameter.KEYWORD_ONLY
     for name, theirs in TORCH_PARAMETERS.items():
         assert (ours[name].kind, ours[name].default) == (theirs.kind, theirs.default), name
 
@@ -116,3 +117,10 @@ def test_convert_and_revert_carry_everything_torchs_convert_carries():
     reverted = revert_sync_batchnorm(layers)
     assert type(reverted[0]) is nn.BatchNorm2d and reverted[0].bias is None and reverted[0].qconfig == "a quantization config"
     assert not hasattr(reverted[1], "qconfig") and reverted[1].weight is None and not reverted[1].training
+
+
+def test_convert_gives_every_layer_the_collective_asked_for_where_it_has_its_shift():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False))
+    converted = convert_sync_batchnorm(model, collective="all_reduce")
+    assert (converted[0].collective, converted[1].collective) == ("all_reduce", "all_gather")
+    assert convert_sync_batchnorm(nn.BatchNorm1d(3)).collective == "all_gather"

@@ -24,21 +24,23 @@ CASES = {  # shape, per-rank batch sizes, momentum, affine
 }
 
 
-def case_for(name: str, world_size: int) -> Case:
+def case_for(name: str, world_size: int, collective: str = "all_gather") -> Case:
     shape, split, momentum, affine = CASES[name]
     sample_shape, memory_format = SHAPES[shape]
-    return Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine)
+    return Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, collective=collective)
 
 
 # 2 ranks exercise every collective path, 1 rank the paths without one. 4 ranks pass too (checked
 # by hand: ``pytest tests/test_compile.py`` with (4, "NCDHW-unequal") added here), left out to keep
 # CI under its 10 minutes: four processes compiling on two cores.
-@pytest.mark.parametrize("world_size,name", [(2, name) for name in CASES] + [
-    (1, "NC-equal"), (1, "NCL-unequal-momentum-None")])
-def test_compiled_layer_has_no_graph_break_and_gives_batchnorm_on_the_global_batch(gloo_group, world_size, name):
+@pytest.mark.parametrize("world_size,name,collective", [(2, name, "all_gather") for name in CASES] + [
+    (1, "NC-equal", "all_gather"), (1, "NCL-unequal-momentum-None", "all_gather"),
+    (2, "NCL-unequal-momentum-None", "all_reduce"), (2, "NCHW-channels_last-empty-rank-affine-off", "all_reduce")])
+def test_compiled_layer_has_no_graph_break_and_gives_batchnorm_on_the_global_batch(gloo_group, world_size, name,
+                                                                                  collective):
     """Three training steps (outputs, input gradients, summed weight and bias gradients, running
-    statistics) and an eval step, compiled with fullgraph=True on every rank."""
-    case = case_for(name, world_size)
+    statistics) and an eval step, compiled with fullgraph=True on every rank, with either collective."""
+    case = case_for(name, world_size, collective)
     assert_matches_reference(case, gloo_group(world_size).run(run_layer_on_rank, case, True), reference(case))
 
 

@@ -171,9 +171,12 @@ def test_eps_must_be_positive_in_training_synchronized_or_not(gloo_group, world_
         assert message == f"batch_norm eps must be positive during training, but got {eps}"
 
 
-def stall_between_forward_and_backward(stall_s: float) -> tuple[float, str]:
-    """Rank 1 runs the forward pass, then stalls instead of running the backward pass."""
-    y = SyncBatchNorm(3)(torch.randn(4, 3, requires_grad=True))
+def stall_between_forward_and_backward(stall_s: float, collective: str) -> tuple[float, str]:
+    """Rank 1 runs the forward pass, then stalls instead of running the backward pass (of the second
+    step: the all-reduce's first step gathers)."""
+    layer = SyncBatchNorm(3, collective=collective)
+    layer(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    y = layer(torch.randn(4, 3, requires_grad=True))
     if dist.get_rank() == 1:
         time.sleep(stall_s)
         return 0.0, "stalled"
@@ -186,13 +189,14 @@ def stall_between_forward_and_backward(stall_s: float) -> tuple[float, str]:
 
 
 @pytest.mark.processes
-def test_a_stalled_rank_makes_the_others_fail_within_the_timeout():
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
+def test_a_stalled_rank_makes_the_others_fail_within_the_timeout_naming_the_collective(collective):
     group = GlooGroup(2, call_timeout_s=40, collective_timeout_s=3)
     try:
-        (elapsed, message), _ = group.run(stall_between_forward_and_backward, 10.0)
+        (elapsed, message), _ = group.run(stall_between_forward_and_backward, 5.0, collective)
     finally:
         group.close()
-    assert message.startswith("SyncBatchNorm backward: all_gather over 2 ranks failed"), message
+    assert message.startswith(f"SyncBatchNorm backward: {collective} over 2 ranks failed"), message
     assert "3000ms" in message or "timed out" in message.lower(), message
     assert 2.5 < elapsed < 8, f"rank 0 failed after {elapsed:.1f}s, the timeout is 3s"
 
