@@ -117,10 +117,12 @@ class SyncBatchNorm(_BatchNorm):
         # cannot take without a graph break (pytorch/pytorch#194504); the synchronized core can.
         alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
         if group is not None or alone_compiled:
-            # A copy: the function updates the running mean in place (and dynamo refuses one tensor
-            # passed as two of its inputs).
-            shift = running_mean.clone() if self.collective == "all_reduce" and self.shift_ready else None
-            self.shift_ready = running_mean is not None
+            shift = None
+            if self.collective == "all_reduce":
+                # A copy: the function updates the running mean in place (and dynamo refuses one
+                # tensor passed as two of its inputs).
+                shift = running_mean.clone() if self.shift_ready else None
+                self.shift_ready = True
             return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group,
                                    shift)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)

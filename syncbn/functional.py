@@ -154,8 +154,9 @@ def start_sum(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str,
 
 
 def start_all_reduce(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
-    """Start summing ``packed`` over the group, in place; the function returned waits for the sum. Gloo's and NCCL's algorithms reduce each part of the vector once and
-    hand that result to every rank, so every rank gets the same bits."""
+    """Start summing ``packed`` over the group, in place; the function returned waits for the sum.
+    Gloo's and NCCL's algorithms reduce each part of the vector once and hand that result to every
+    rank, so every rank gets the same bits."""
     if group is None:
         return lambda: packed
     if torch.compiler.is_compiling():

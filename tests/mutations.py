@@ -183,7 +183,7 @@ MUTATIONS = [
     Mutation("failed-all-reduce-named-all-gather", "syncbn/functional.py",
              '            raise _failed(phase, group.size(), error, "all_reduce") from error\n',
              '            raise _failed(phase, group.size(), error) from error\n', (STALLED,)),
-    Mutation("all-reduce-shift-ready-never", "syncbn/batchnorm.py", "self.shift_ready = running_mean is not None",
+    Mutation("all-reduce-shift-ready-never", "syncbn/batchnorm.py", "self.shift_ready = True",
              "self.shift_ready = False",
              (layer("test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits"),)),
     Mutation("all-reduce-packs-unshifted-means", "syncbn/functional.py",

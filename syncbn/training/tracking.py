@@ -8,7 +8,6 @@ attempt wrote past the checkpoint it resumes from (TensorBoard's purge), so ever
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -41,7 +40,7 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(str(directory), purge_step=first_epoch if first_epoch > 1 else None)
         if first_epoch == 1:
-            yaml = OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(config)))
+            yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
             self.writer.add_text("config", f"```yaml\n{yaml}```")
             self.writer.flush()
 
