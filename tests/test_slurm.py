@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from app import ROOT, read_metrics, run, strip
 
 from syncbn import slurm
@@ -167,3 +168,14 @@ def ranks_of(run_dir: Path) -> list[str]:
         if str(run_dir) in text and "syncbn.train" in text:
             found.append(text)
     return found
+
+
+@pytest.mark.parametrize("launcher,expected", [
+    ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"}, "1"),
+    ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "cpus_per_task": 4}, "4"),
+    ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, None),  # jobs in this process
+])
+def test_submitits_tasks_get_their_threads_and_an_in_process_multirun_keeps_every_core(monkeypatch, launcher, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    slurm.TaskThreads().on_multirun_start(OmegaConf.create({"hydra": {"launcher": launcher}}))
+    assert os.environ.get("OMP_NUM_THREADS") == expected

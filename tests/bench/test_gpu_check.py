@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from app import ROOT
 
 from syncbn.bench import gpu_check
@@ -56,3 +57,9 @@ def test_the_report_has_the_machine_a_row_per_step_each_steps_output_and_the_ver
     assert "| cuda tests | passed | 12 |\n| bench on cuda | failed (exit 1) | 4 |" in text
     assert "$ bench\nboom\n```" in text and text.endswith("Verdict: SOME STEPS FAILED. Send this file with an issue on the project's tracker.\n")
     assert "Verdict: all passed." in gpu_check.report("x", [ok])
+
+
+def test_the_report_names_the_machine_it_ran_on():
+    line = gpu_check.machine()
+    assert line.startswith(f"{torch.cuda.device_count()} x ") and f"; torch {torch.__version__}, CUDA " in line
+    assert line.endswith(", NCCL -") or torch.cuda.is_available()
