@@ -21,9 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn.functional import sync_batch_norm
+from syncbn.cost import CostModel, model_for
+from syncbn.functional import stat_dtype, sync_batch_norm
 
-COLLECTIVES = ("all_gather", "all_reduce")  # each way: every rank's moments gathered, or their shifted sums
+# Each way: every rank's moments gathered, their shifted sums reduced, or the one a cost model
+# says is cheaper for the group's size and the layer's channels (syncbn/cost.py).
+COLLECTIVES = ("auto", "all_gather", "all_reduce")
 
 _PLAIN_BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
@@ -53,9 +56,16 @@ class SyncBatchNorm(_BatchNorm):
 
     Input ``(N, C, *)`` of any rank >= 2. In training mode, inside an initialized group of more than
     one rank, it normalizes with the mean and biased variance of all ranks' samples together and
-    updates the running statistics with the unbiased variance of that global batch: one all-gather in
+    updates the running statistics with the unbiased variance of that global batch: one collective in
     forward, one in backward. Per-rank batch sizes may differ and may be zero. In eval mode, without
     a process group, or in a group of one, it is exactly ``F.batch_norm`` with no communication.
+
+    ``collective``: ``"all_gather"`` (every rank's moments, W x (2C + 1) values arrive at each rank),
+    ``"all_reduce"`` (their sums, shifted by the running mean: 2C + 1 values, whatever W; the
+    layer's first step still gathers), or ``"auto"`` (the default): the cheaper of the two for the
+    group's size and the layer's channels by ``cost_model`` (``syncbn/cost.py``; None: the model
+    measured for Gloo on CPU tensors, NCCL's tuner's for CUDA tensors), shown in the repr once
+    chosen. Both are exact: their statistics agree to float64's rounding.
 
     Gradients: the input gradient is the gradient of the sum of every rank's loss; ``weight.grad``
     and ``bias.grad`` are this rank's share of it. DDP's averaging of all gradients therefore gives
@@ -74,7 +84,8 @@ class SyncBatchNorm(_BatchNorm):
         dtype=None,
         *,
         bias: bool = True,
-        collective: str = "all_gather",
+        collective: str = "auto",
+        cost_model: CostModel | None = None,
     ) -> None:
         # torch's keywords as torch takes them: ``bias`` (with ``affine``, a weight and no bias)
         # exists from torch 2.14 on, and only a torch that has it is passed it.
@@ -86,6 +97,10 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError("SyncBatchNorm collective='all_reduce' shifts the moments by the running mean: it needs "
                              "track_running_stats=True")
         self.collective = collective
+        # ``auto``'s model: None, the measured Gloo model for CPU tensors, NCCL's for CUDA tensors.
+        self.cost_model = cost_model
+        self.auto_choice: str | None = None  # what ``auto`` chose in the last training step
+        self.auto_key: tuple | None = None  # what it chose by: the model's inputs in that step
         # The all-reduce's shift is the running mean once a step has moved it from its start (0):
         # a first step, whose means may be far from 0, is merged by all-gather, exactly.
         self.shift_ready = False
@@ -118,7 +133,7 @@ class SyncBatchNorm(_BatchNorm):
         alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
         if group is not None or alone_compiled:
             shift = None
-            if self.collective == "all_reduce":
+            if self._reduces(group, input):
                 # A copy: the function updates the running mean in place (and dynamo refuses one
                 # tensor passed as two of its inputs).
                 shift = running_mean.clone() if self.shift_ready else None
@@ -127,8 +142,26 @@ class SyncBatchNorm(_BatchNorm):
                                    shift)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
 
+    def _reduces(self, group: dist.ProcessGroup | None, input: torch.Tensor) -> bool:
+        """Whether this step all-reduces. ``auto`` asks the cost model, for the group's size (the same
+        on every rank, as the model and the layer are: every rank chooses alike)."""
+        if self.collective != "auto":
+            return self.collective == "all_reduce"
+        # Chosen again only when what it depends on changes: the model costs microseconds a step.
+        key = (None if group is None else group.size(), input.device.type, input.dtype, self.cost_model)
+        if key != self.auto_key:
+            choice = "all_gather"
+            if group is not None and self.track_running_stats:
+                model = self.cost_model or model_for(input.device.type)
+                choice = model.choose(group.size(), self.num_features, stat_dtype(input.dtype).itemsize)
+            self.auto_choice, self.auto_key = choice, key
+        return self.auto_choice == "all_reduce"
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.collective == "all_gather" else f", collective={self.collective}")
+        if self.collective == "all_gather":
+            return super().extra_repr()
+        chose = f" (chose {self.auto_choice})" if self.collective == "auto" and self.auto_choice else ""
+        return super().extra_repr() + f", collective={self.collective}{chose}"
 
     def _group(self) -> dist.ProcessGroup | None:
         """The group of more than one rank whose batches the training statistics span, or None: no
@@ -213,9 +246,10 @@ def _replace_layers(module: nn.Module, replace) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None,
-                           collective: str = "all_gather") -> nn.Module:
+                           collective: str = "auto", cost_model: CostModel | None = None) -> nn.Module:
     """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours, each with
-    ``collective`` (a layer without running statistics keeps the all-gather, which needs none).
+    ``collective`` and ``cost_model`` (a layer without running statistics keeps the all-gather, which
+    needs none).
     ``GhostBatchNorm``, which emulates unsynchronized ranks on purpose, is left as it is.
 
     The new layers hold the same parameter and buffer objects and the same train/eval mode.
@@ -226,7 +260,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):
             return None
         chosen = collective if layer.track_running_stats else "all_gather"
-        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group, collective=chosen))
+        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group, collective=chosen,
+                                                     cost_model=cost_model))
         if not isinstance(layer, nn.SyncBatchNorm):
             converted.plain_class = type(layer)
         return converted

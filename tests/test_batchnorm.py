@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm
+from syncbn.cost import GLOO, Algorithm, CostModel
 from syncbn.distributed import count_collectives
 
 STEPS = 3
@@ -54,6 +55,7 @@ class Case:
     layout: str | None = None  # a key of LAYOUTS, or contiguous in ``memory_format``
     bias: bool = True  # False: with ``affine``, a weight and no bias (torch 2.14's ``bias=False``)
     collective: str = "all_gather"
+    cost_model: CostModel | None = None  # auto's
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -107,7 +109,7 @@ def run_layer_on_rank(case: Case, compiled: bool = False) -> dict:
     """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step;
     ``compiled``: through ``torch.compile(fullgraph=True)`` (which raises on any graph break)."""
     rank = dist.get_rank()
-    layer = case.make(SyncBatchNorm, collective=case.collective)
+    layer = case.make(SyncBatchNorm, collective=case.collective, cost_model=case.cost_model)
     if compiled:
         torch._dynamo.reset()  # a new case, a new cache: dynamo allows 8 compiles of one forward
     model = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer
@@ -377,17 +379,19 @@ def test_ghost_batchnorm_with_one_slice_is_batchnorm_and_checks_the_batch():
         GhostBatchNorm(4, slices=0)
 
 
-def collectives_and_statistics_on_rank(collective: str) -> dict:
+def collectives_and_statistics_on_rank(collective: str, cost_model: CostModel | None = None, track: bool = True) -> dict:
     """Three training steps of a 2-rank layer: the collectives of each, and each rank's running
-    statistics after them."""
+    statistics after them; the layer's repr before and after."""
     torch.manual_seed(dist.get_rank())
-    layer, counts = SyncBatchNorm(4, collective=collective).double(), []
+    layer, counts = SyncBatchNorm(4, collective=collective, cost_model=cost_model, track_running_stats=track).double(), []
+    before = repr(layer)
     for _ in range(3):
         x = (torch.randn(5, 4, dtype=torch.float64) * 3 + 7).requires_grad_()
         with count_collectives() as counted:
             layer(x).sum().backward()
         counts.append(dict(counted))
-    return dict(counts=counts, running_mean=layer.running_mean, running_var=layer.running_var)
+    return dict(counts=counts, running_mean=layer.running_mean, running_var=layer.running_var, before=before,
+                after=repr(layer), choice=layer.auto_choice)
 
 
 @pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
@@ -395,18 +399,69 @@ def test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits
     """The all-reduce's first step gathers (its shift, the running mean, has not moved from 0 yet);
     from then on one all-reduce each way. The statistics every rank computes are bit for bit the same."""
     ranks = gloo_group(2).run(collectives_and_statistics_on_rank, collective)
-    gather, reduce = {"c10d::_allgather_base_": 2}, {"c10d::allreduce_": 2}
+    gather, reduce = GATHER_EACH_WAY, REDUCE_EACH_WAY
     expected = [gather] * 3 if collective == "all_gather" else [gather, reduce, reduce]
     assert all(r["counts"] == expected for r in ranks)
     assert torch.equal(ranks[0]["running_mean"], ranks[1]["running_mean"])
     assert torch.equal(ranks[0]["running_var"], ranks[1]["running_var"])
 
 
+GATHER_EACH_WAY, REDUCE_EACH_WAY = {"c10d::_allgather_base_": 2}, {"c10d::allreduce_": 2}
+# Fixed models for ``auto``: one where only the all-gather's rounds cost, one where only the all-reduce's.
+REDUCES = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
+                    all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0),), source="reduces")
+GATHERS = CostModel(all_gather=REDUCES.all_reduce, all_reduce=REDUCES.all_gather, source="gathers")
+
+
+@pytest.mark.parametrize("model,chosen", [(REDUCES, "all_reduce"), (GATHERS, "all_gather"), (None, GLOO.choose(2, 4, 8))])
+def test_auto_runs_the_collective_its_cost_model_chooses_for_the_group_and_shows_it(gloo_group, model, chosen):
+    """None: the model measured for Gloo, for CPU tensors (float64 here: 8-byte gradient sums)."""
+    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", model)
+    first = GATHER_EACH_WAY  # the all-reduce's shift is not ready before a first step
+    each_way = {"all_reduce": REDUCE_EACH_WAY, "all_gather": GATHER_EACH_WAY}[chosen]
+    assert all(r["counts"] == [first, each_way, each_way] and r["choice"] == chosen for r in ranks)
+    assert ranks[0]["before"].endswith(", collective=auto)")
+    assert ranks[0]["after"].endswith(f", collective=auto (chose {chosen}))")
+
+
+# Gathers at 2 ranks (1 round against the tree's 2 x 0.6), reduces at 4 (3 rounds against 2 x 2 x 0.6).
+BY_SIZE = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
+                    all_reduce=(Algorithm("tree_reduce", alpha=0.6, beta=0.0),), source="by size")
+
+
+def choices_as_the_group_and_the_model_change() -> list[str]:
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    layer, choices = SyncBatchNorm(4, cost_model=BY_SIZE).double(), []
+    for group, model in ((pairs[dist.get_rank() // 2], BY_SIZE), (None, BY_SIZE), (None, GATHERS)):
+        layer.process_group, layer.cost_model = group, model
+        layer(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
+        choices.append(layer.auto_choice)
+    return choices
+
+
+def test_auto_chooses_again_when_the_groups_size_or_its_model_changes(gloo_group):
+    for choices in gloo_group(4).run(choices_as_the_group_and_the_model_change):
+        assert choices == ["all_gather", "all_reduce", "all_gather"]
+
+
+def test_auto_gathers_in_a_layer_without_a_running_mean_to_shift_by(gloo_group):
+    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", REDUCES, False)
+    assert all(r["counts"] == [GATHER_EACH_WAY] * 3 and r["choice"] == "all_gather" for r in ranks)
+
+
+def test_auto_alone_chooses_nothing_and_is_batchnorm():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    layer, plain = SyncBatchNorm(4, collective="auto", cost_model=REDUCES).double(), nn.BatchNorm1d(4).double()
+    assert torch.equal(layer(x), plain(x)) and layer.auto_choice is None
+    assert repr(layer).endswith(", collective=auto)")
+
+
 def test_a_collective_the_layer_does_not_have_or_an_all_reduce_without_its_shift_is_refused():
-    with pytest.raises(ValueError, match="SyncBatchNorm collective must be one of all_gather, all_reduce, got 'ring'"):
+    with pytest.raises(ValueError, match="SyncBatchNorm collective must be one of auto, all_gather, all_reduce, got 'ring'"):
         SyncBatchNorm(3, collective="ring")
     with pytest.raises(ValueError, match="collective='all_reduce' shifts the moments by the running mean: it needs "
                                          "track_running_stats=True"):
         SyncBatchNorm(3, collective="all_reduce", track_running_stats=False)
     assert "collective=all_reduce" in repr(SyncBatchNorm(3, collective="all_reduce"))
-    assert "collective" not in repr(SyncBatchNorm(3))
+    assert "collective" not in repr(SyncBatchNorm(3, collective="all_gather"))
+    assert repr(SyncBatchNorm(3)).endswith(", collective=auto)"), "auto is the default"

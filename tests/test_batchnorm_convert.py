@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn.cost import GLOO, CostModel
 
 
 def test_convert_and_revert_keep_parameters_buffers_and_outputs():
@@ -74,8 +75,8 @@ FLAG_ARGUMENTS = [name for name, p in TORCH_PARAMETERS.items() if isinstance(p.d
 
 def test_every_constructor_argument_of_torchs_syncbatchnorm_is_ours_with_its_kind_and_default():
     ours = inspect.signature(SyncBatchNorm.__init__).parameters
-    assert list(ours) == [*TORCH_PARAMETERS, "collective"], "torch's, in torch's order, then ours, keyword-only"
-    assert ours["collective"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert list(ours) == [*TORCH_PARAMETERS, "collective", "cost_model"], "torch's, in torch's order, then ours"
+    assert ours["collective"].kind == ours["cost_model"].kind == inspect.Parameter.KEYWORD_ONLY
     for name, theirs in TORCH_PARAMETERS.items():
         assert (ours[name].kind, ours[name].default) == (theirs.kind, theirs.default), name
 
@@ -123,4 +124,10 @@ def test_convert_gives_every_layer_the_collective_asked_for_where_it_has_its_shi
     model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False))
     converted = convert_sync_batchnorm(model, collective="all_reduce")
     assert (converted[0].collective, converted[1].collective) == ("all_reduce", "all_gather")
-    assert convert_sync_batchnorm(nn.BatchNorm1d(3)).collective == "all_gather"
+    assert convert_sync_batchnorm(nn.BatchNorm1d(3)).collective == "auto"
+    model = CostModel(all_gather=GLOO.all_reduce, all_reduce=GLOO.all_gather, source="swapped")
+    converted = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False)),
+                                       collective="auto", cost_model=model)
+    assert (converted[0].collective, converted[1].collective) == ("auto", "all_gather")
+    assert converted[0].cost_model is model and converted[1].cost_model is model
+    assert convert_sync_batchnorm(nn.BatchNorm1d(3)).cost_model is None

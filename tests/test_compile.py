@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from app import why_not_compiled
-from test_batchnorm import EXACT, SHAPES, SPLITS, Case, assert_matches_reference, reference, run_layer_on_rank
+from test_batchnorm import (EXACT, REDUCES, SHAPES, SPLITS, Case, assert_matches_reference, reference,
+                            run_layer_on_rank)
 
 from syncbn import SyncBatchNorm
 
@@ -25,9 +26,11 @@ CASES = {  # shape, per-rank batch sizes, momentum, affine
 
 
 def case_for(name: str, world_size: int, collective: str = "all_gather") -> Case:
+    """``auto`` with a model that chooses the all-reduce: the choice is traced, and the path it picks."""
     shape, split, momentum, affine = CASES[name]
     sample_shape, memory_format = SHAPES[shape]
-    return Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, collective=collective)
+    return Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, collective=collective,
+                cost_model=REDUCES if collective == "auto" else None)
 
 
 # 2 ranks exercise every collective path, 1 rank the paths without one. 4 ranks pass too (checked
@@ -35,7 +38,8 @@ def case_for(name: str, world_size: int, collective: str = "all_gather") -> Case
 # CI under its 10 minutes: four processes compiling on two cores.
 @pytest.mark.parametrize("world_size,name,collective", [(2, name, "all_gather") for name in CASES] + [
     (1, "NC-equal", "all_gather"), (1, "NCL-unequal-momentum-None", "all_gather"),
-    (2, "NCL-unequal-momentum-None", "all_reduce"), (2, "NCHW-channels_last-empty-rank-affine-off", "all_reduce")])
+    (2, "NCL-unequal-momentum-None", "all_reduce"), (2, "NCHW-channels_last-empty-rank-affine-off", "all_reduce"),
+    (2, "NC-equal", "auto")])
 def test_compiled_layer_has_no_graph_break_and_gives_batchnorm_on_the_global_batch(gloo_group, world_size, name,
                                                                                   collective):
     """Three training steps (outputs, input gradients, summed weight and bias gradients, running
