@@ -104,8 +104,8 @@ def bench_rank(settings: Settings) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="syncbn-bench-inductor-") as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # torch itself may have set it: compile times are cold
         with distributed.process_group(DistConfig(device=settings.device, timeout_s=300)) as ctx:
-            results = [bench_layer(name, settings, ctx) for name in settings.shapes]
-            results += [bench_step(norm, settings, ctx) for norm in settings.step_norms]
+            results = [bench_layer(name, settings, ctx) for name in settings.shapes if "layer" in settings.cases]
+            results += [bench_step(norm, settings, ctx) for norm in settings.step_norms if "step" in settings.cases]
     return results
 
 

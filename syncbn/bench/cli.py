@@ -14,7 +14,8 @@ import torch
 
 from syncbn import bench, distributed
 from syncbn.bench.cases import bench_rank, bench_startup
-from syncbn.bench.settings import LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, Settings
+from syncbn.bench.collectives import collective_cases
+from syncbn.bench.settings import CASES, LAYER_SHAPES, STEP_NORMS, STUDY_GLOBAL_BATCH, Settings
 from syncbn.bench.study import study_cases
 from syncbn.bench.sweep import bench_sweep, plain_sweep
 from syncbn.bench.tables import report
@@ -34,16 +35,22 @@ def machine() -> dict:
 
 def run(settings: Settings, argv: list[str]) -> dict:
     # First: the first launch of the process starts the forkserver, and is reported as such.
-    startup = [bench_startup(settings, w) for w in settings.world_sizes if w > 1]
+    cases = settings.cases
+    startup = [bench_startup(settings, w) for w in settings.world_sizes if w > 1] if "startup" in cases else []
     layer_and_step = []
-    for world_size in settings.world_sizes:
-        layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
-    sweeps = [bench_sweep(settings, "fused", w, settings.sweep_repeats) for w in settings.world_sizes]
-    # The per-run reference once: it takes minutes, and its ratio is several times the goal's.
-    sweeps += [bench_sweep(settings, "per-run", w, 1) for w in settings.per_run_world_sizes]
+    if {"layer", "step"} & set(cases):
+        for world_size in settings.world_sizes:
+            layer_and_step += distributed.launch_local(bench_rank, (settings,), world_size)[0]
+    sweeps = []
+    if "sweep" in cases:
+        sweeps = [bench_sweep(settings, "fused", w, settings.sweep_repeats) for w in settings.world_sizes]
+        # The per-run reference once: it takes minutes, and its ratio is several times the goal's.
+        sweeps += [bench_sweep(settings, "per-run", w, 1) for w in settings.per_run_world_sizes]
+    study = study_cases(settings) if "study" in cases else []
+    collective = collective_cases(settings) if "collective" in cases else []
     return dict(command=" ".join(["python -m syncbn.bench", *argv]), machine=machine(),
                 backend="nccl" if settings.device == "cuda" else "gloo", settings=asdict(settings),
-                results=layer_and_step + startup + sweeps + study_cases(settings))
+                results=layer_and_step + startup + sweeps + study + collective)
 
 
 def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
@@ -76,6 +83,10 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--study-batches", type=int, nargs="+", default=defaults.study_batches,
                         help="per-device batches of the study case (each must divide the global batch, 64)")
     parser.add_argument("--study-epochs", type=int, default=defaults.study_epochs)
+    parser.add_argument("--collective-world-sizes", type=int, nargs="+", default=defaults.collective_world_sizes,
+                        help="world sizes of the collective case (all-gather against all-reduce)")
+    parser.add_argument("--collective-channels", type=int, nargs="+", default=defaults.collective_channels)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=defaults.cases, help="the cases to run")
     parser.add_argument("--plain-sweep", action="store_true", help="only run the sweep case's plain loop, then exit")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench.json"),
@@ -89,6 +100,10 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path, bool]:
         parser.error(f"--study-epochs must be at least 1, got {args.study_epochs}")
     if uneven := [b for b in args.study_batches if b < 1 or STUDY_GLOBAL_BATCH % b]:
         parser.error(f"--study-batches must divide the study's global batch of {STUDY_GLOBAL_BATCH}, got {uneven[0]}")
+    if small := [w for w in args.collective_world_sizes if w < 2]:
+        parser.error(f"--collective-world-sizes must be at least 2 (one rank has no collective), got {small[0]}")
+    if small := [c for c in args.collective_channels if c < 1]:
+        parser.error(f"--collective-channels must be at least 1, got {small[0]}")
     if args.startup_launches < 2:
         parser.error(f"--startup-launches must be at least 2 (the first starts the forkserver), got {args.startup_launches}")
     if args.compile and not args.plain_sweep and (problem := cannot_compile()):

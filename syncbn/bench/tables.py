@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from syncbn.bench.costfit import fit, worst_error
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
@@ -103,6 +105,40 @@ def study_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kb(n: float) -> str:
+    return f"{n / 1e3:.1f}"
+
+
+def collective_table(results: list[dict], cores: int) -> str:
+    """Both collectives per (W, C), the bytes a rank receives in each, and ``auto``'s choice against
+    the better of the two there; the choice a model fitted to this run would make."""
+    points = [r for r in results if r["case"] == "collective"]
+    if not points:
+        return "(not run)"
+    fitted = fit(points)
+    lines = ["| world | channels | all-gather ms | all-reduce ms | all-reduce / all-gather | kB received per rank: "
+             "all-gather | all-reduce | auto chose | chosen / better | this run's fit chooses |", "|---" * 10 + "|"]
+    for r in points:
+        s = {name: statistics.median(v) for name, v in r["seconds"].items()}
+        world = f"{r['world_size']} (oversubscribed)" if r["world_size"] > cores else str(r["world_size"])
+        b = r["received_bytes"]
+        cells = [world, r["channels"], _ms(s["all_gather"]), _ms(s["all_reduce"]),
+                 f"{s['all_reduce'] / s['all_gather']:.2f}", _kb(b["all_gather"]), _kb(b["all_reduce"]), r["chosen"],
+                 f"{s[r['chosen']] / min(s.values()):.3f}", fitted.choose(r["world_size"], r["channels"])]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n\n" + fit_table(fitted, points)
+
+
+def fit_table(model, points: list[dict]) -> str:
+    lines = ["| fitted to this run | latency us per call | alpha us per round | alpha_per_rank us per round and rank "
+             "| beta ns per byte | largest relative error |", "|---|---|---|---|---|---|"]
+    for name in ("all_gather", "all_reduce"):
+        [a] = getattr(model, name)
+        lines.append(f"| {name} ({a.name}) | {a.latency * 1e6:.1f} | {a.alpha * 1e6:.2f} | {a.alpha_per_rank * 1e6:.2f} | "
+                     f"{a.beta * 1e9:.3f} | {worst_error(model, points, name):.2f} |")
+    return "\n".join(lines)
+
+
 def report(report_data: dict) -> str:
     results = report_data["results"]
     m = report_data["machine"]
@@ -114,4 +150,6 @@ def report(report_data: dict) -> str:
         "Rank start-up per job:\n\n" + startup_table(results),
         "Weight-scale sweep end to end:\n\n" + sweep_table(results),
         "Batch-size study end to end, one seed:\n\n" + study_table(results),
+        "The layer's collectives, (16, C) per rank, forward + backward (auto: syncbn/cost.py's model):\n\n"
+        + collective_table(results, m["cores"]),
     ])

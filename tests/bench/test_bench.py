@@ -17,13 +17,14 @@ from syncbn.bench.settings import STUDY_GLOBAL_BATCH, Settings
 from syncbn.bench.study import study_cases, study_commands
 from syncbn.bench.sweep import sweep_commands, timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
+from syncbn.cost import GLOO
 from syncbn.distributed import DistContext, count_collectives
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
 
 TINY = ["--quick", "--world-sizes", "2", "--shapes", "(25,100)", "--step-norms", "syncbn", "--sweep-scales", "1",
         "--sweep-epochs", "1", "--warmup", "1", "--calls", "2", "--per-run-world-sizes", "--study-models", "mlp",
-        "--study-norms", "bn", "--study-batches", "64", "--study-epochs", "1"]
+        "--study-norms", "bn", "--study-batches", "64", "--study-epochs", "1", "--collective-channels", "16"]
 
 
 def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
@@ -58,12 +59,18 @@ def test_quick_mode_writes_every_figure_and_prints_only_tables(tmp_path, capfd):
     [study] = by_case["study"]
     assert (study["rows"], study["epochs"]) == (1, 1) and len(study["each_seconds"]) == 2
     assert study["seconds"] == sum(study["each_seconds"]) / 2 and min(study["each_seconds"]) > 0 and study["per_run_seconds"] > 0
+    [collective] = by_case["collective"]
+    assert (collective["world_size"], collective["channels"], collective["chosen"]) == (2, 16, GLOO.choose(2, 16))
+    assert collective["seconds"].keys() == collective["received_bytes"].keys() == {"all_gather", "all_reduce"}
+    assert all(len(samples) == 2 and min(samples) > 0 for samples in collective["seconds"].values())
     printed, errors = capfd.readouterr()  # file descriptors 1 and 2, the ranks' included
     assert "| world | shape | syncbn ms" in printed and "| world | norm | eager ms per step" in printed
     assert "| world | shape | floor | floor ms | syncbn / floor | floor again / floor | least sync BN / floor |" in printed and "sweep command s" in printed
     assert "| fused | 2 | 2 x 1 |" in printed
     assert "| rows x epochs | fused command s (mean of 2) | per-run command s | fused / per-run |" in printed
     assert f"| 1 x 1 | {study['seconds']:.1f} | {study['per_run_seconds']:.1f} |" in printed
+    assert "| world | channels | all-gather ms | all-reduce ms |" in printed and "| 2 | 16 |" in printed
+    assert "| fitted to this run | latency us per call | alpha us per round |" in printed
     assert "profiler_st" not in printed + errors, "the profiler's own notices stay out of the user's terminal"
 
 
