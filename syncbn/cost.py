@@ -80,11 +80,11 @@ class CostModel:
         return "all_reduce" if reduce < gather else "all_gather"
 
 
-# Fitted by ``python -m syncbn.bench --cases collective`` (docs/bench-collectives.json) on 2 Intel
-# cores, Gloo over loopback, ranks at W = 2, 4, 8 (4 and 8 oversubscribed).
+# Fitted by ``python -m syncbn.bench --cases collective`` (docs/bench-collectives.json) on 2 cores
+# (AMD EPYC), Gloo over loopback, ranks at W = 2, 4, 8 (4 and 8 oversubscribed).
 GLOO = CostModel(
-    all_gather=(Algorithm("ring_gather", alpha=427.0e-6, alpha_per_rank=256.1e-6, beta=4.119e-9),),
-    all_reduce=(Algorithm("ring_reduce", alpha=247.3e-6, alpha_per_rank=211.3e-6, beta=3.879e-9),),
+    all_gather=(Algorithm("ring_gather", alpha=613.6e-6, alpha_per_rank=228.2e-6, beta=10.80e-9),),
+    all_reduce=(Algorithm("ring_reduce", alpha=314.1e-6, alpha_per_rank=203.8e-6, beta=18.31e-9),),
     source="gloo: fitted on 2 cores",
 )
 

@@ -444,6 +444,25 @@ def test_auto_chooses_again_when_the_groups_size_or_its_model_changes(gloo_group
         assert choices == ["all_gather", "all_reduce", "all_gather"]
 
 
+# At 2 ranks and 4 channels the gather receives 72 + 32 bytes from float32 input, 72 + 64 from
+# float64, against the all-reduce's fixed 2 x 60: the gradient sums' dtype decides.
+BY_DTYPE = CostModel(all_gather=(Algorithm("ring_gather", alpha=0.0, beta=1.0),),
+                     all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0, latency=60.0),), source="by dtype")
+
+
+def choices_by_dtype() -> list[str]:
+    layer, choices = SyncBatchNorm(4, cost_model=BY_DTYPE), []
+    for dtype in (torch.float32, torch.float64):
+        layer.to(dtype)(torch.randn(5, 4, dtype=dtype)).sum().backward()
+        choices.append(layer.auto_choice)
+    return choices
+
+
+def test_auto_weighs_the_gradient_sums_in_the_inputs_statistics_dtype(gloo_group):
+    for choices in gloo_group(2).run(choices_by_dtype):
+        assert choices == ["all_gather", "all_reduce"]
+
+
 def test_auto_gathers_in_a_layer_without_a_running_mean_to_shift_by(gloo_group):
     ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", REDUCES, False)
     assert all(r["counts"] == [GATHER_EACH_WAY] * 3 and r["choice"] == "all_gather" for r in ranks)

@@ -3,6 +3,8 @@
     python -m syncbn.bench                 # full: world sizes 1, 2, 4 (docs/performance.md)
     python -m syncbn.bench --quick         # everyday check, about three minutes
     python -m syncbn.bench --plain-sweep   # only the sweep case's baseline: the plain loop
+    python -m syncbn.bench --cases collective   # only some cases: here all-gather against all-reduce
+    python -m syncbn.bench.projection      # ResNet-50's synchronization on NCCL, projected (no timing)
     python -m syncbn.bench --help          # every knob
 
 Machines are shared and noisy, so absolute times move from run to run; ratios of contenders timed
@@ -31,10 +33,15 @@ Cases, each at every world size (ranks are local processes started by torch's el
 5. study (``syncbn/bench/study.py``): the batch-size study's fused command against its per-run
    command on a reduced study (one seed, ``--study-epochs``), whole commands, the fused one run
    before and after the per-run one.
+6. collective (``syncbn/bench/collectives.py``): a layer step with the all-gather and with the
+   all-reduce at ``--collective-world-sizes`` (2, 4, 8) by ``--collective-channels`` (16 to 4096),
+   the bytes each rank receives (counted by the kernel), what ``collective="auto"`` chose, and the
+   cost model fitted to the run (``costfit``), whose constants ``syncbn.cost.GLOO`` ships.
 Compile times are each compiled contender's first call, with a cold inductor cache.
 Collectives per step are counted by the profiler (every ``c10d::`` op), not assumed.
 
 The package: ``settings`` (what a run measures), ``timing`` (interleaved timing, the floors),
 ``cases`` (layer, step, startup), ``minimum`` (the least synchronized BN), ``sweep`` and
-``study`` (whole commands), ``tables`` (the report), ``cli`` (this command).
+``study`` (whole commands), ``collectives`` and ``costfit`` (the collective case and its fit),
+``projection`` (NCCL's model over ResNet-50), ``tables`` (the report), ``cli`` (this command).
 """

@@ -17,7 +17,8 @@ from syncbn.bench.settings import STUDY_GLOBAL_BATCH, Settings
 from syncbn.bench.study import study_cases, study_commands
 from syncbn.bench.sweep import sweep_commands, timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
-from syncbn.cost import GLOO
+from syncbn.bench.tables import collective_table
+from syncbn.cost import GLOO, Algorithm, CostModel
 from syncbn.distributed import DistContext, count_collectives
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
@@ -122,6 +123,9 @@ def test_the_least_synchronized_bn_keeps_both_collectives_and_normalizes_after_t
     (["--study-batches", "0"], "--study-batches must divide the study's global batch of 64, got 0"),
     (["--study-batches", "-2"], "--study-batches must divide the study's global batch of 64, got -2"),
     (["--study-models", "vit"], "argument --study-models: invalid choice: 'vit'"),
+    (["--collective-world-sizes", "2", "1"], "--collective-world-sizes must be at least 2 (one rank has no collective), got 1"),
+    (["--collective-channels", "16", "0"], "--collective-channels must be at least 1, got 0"),
+    (["--cases", "layers"], "argument --cases: invalid choice: 'layers'"),
 ])
 def test_knobs_that_cannot_work_are_refused_before_anything_runs(knobs, message, capsys):
     with pytest.raises(SystemExit) as refusal:
@@ -167,3 +171,29 @@ def test_the_sweep_case_runs_the_fused_sweep_and_the_per_run_sweep_over_the_same
     assert sweep_commands(settings, "per-run", 2, str(tmp_path))[3:] == [
         "-m", "+experiment=weight_scale_sweep_per_run", "model.weight_scale=1.0,0.007356422544596414", "train.epochs=3", "dist.nproc=2",
         f"hydra.sweep.dir={tmp_path}"]
+
+
+def test_only_the_cases_asked_for_run(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--cases", "collective", "--collective-world-sizes", "2", "--collective-channels", "8", "--warmup", "1",
+          "--calls", "1", "--no-compile", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["world_size"], r["channels"]) for r in results] == [("collective", 2, 8)]
+
+
+def test_the_collective_table_reads_each_point_against_the_better_collective_and_refits():
+    """``auto`` chose the all-reduce at one point, where it is 1.25x the all-gather; 4 ranks on 2
+    cores are oversubscribed."""
+    model = CostModel(all_gather=(Algorithm("ring_gather", alpha=1e-3, beta=1e-9),),
+                      all_reduce=(Algorithm("ring_reduce", alpha=1e-3, beta=1e-9),), source="test")
+    points = [dict(case="collective", world_size=w, channels=c, chosen="all_reduce" if (w, c) == (4, 64) else "all_gather",
+                   received_bytes={"all_gather": 1000.0 * w, "all_reduce": 1500.0},
+                   seconds={n: [model.layer_seconds(n, w, c) * (1.25 if (w, c, n) == (4, 64, "all_reduce") else 1)] * 3
+                            for n in ("all_gather", "all_reduce")})
+              for w in (2, 4) for c in (16, 64, 1024)]
+    lines = collective_table(points, cores=2).splitlines()
+    gather, reduce = (model.layer_seconds(n, 4, 64) * 1e3 for n in ("all_gather", "all_reduce"))
+    assert lines[2 + 4] == (f"| 4 (oversubscribed) | 64 | {gather:.3f} | {reduce * 1.25:.3f} | {reduce * 1.25 / gather:.2f} "
+                            f"| 4.0 | 1.5 | all_reduce | {reduce * 1.25 / gather:.3f} | all_gather |")
+    assert lines[2].startswith("| 2 | 16 |") and lines[2].endswith("| all_gather | 1.000 | all_gather |")
+    assert collective_table([r for r in points if r["case"] != "collective"], cores=2) == "(not run)"
