@@ -19,6 +19,7 @@ from syncbn import distributed
 from syncbn.batchnorm import SyncBatchNorm
 from syncbn.bench.settings import Settings
 from syncbn.bench.timing import layer_pass, time_interleaved
+from syncbn.cost import CostModel
 from syncbn.training.config import DistConfig
 
 COLLECTIVE_BATCH = 16  # samples per rank
@@ -43,11 +44,14 @@ def received_bytes(step, calls: int) -> float:
     return written.item() / dist.get_world_size() / calls
 
 
-def collective_point(channels: int, settings: Settings, ctx: distributed.DistContext) -> dict:
+def collective_point(channels: int, settings: Settings, ctx: distributed.DistContext,
+                     cost_model: CostModel | None = None) -> dict:
+    """``auto``: the layer with ``cost_model`` (None: its own default for the device)."""
     gen = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(COLLECTIVE_BATCH, channels, generator=gen).requires_grad_()
     grad = torch.randn(COLLECTIVE_BATCH, channels, generator=gen)
-    layers = {name: SyncBatchNorm(channels, collective=name) for name in ("all_gather", "all_reduce", "auto")}
+    layers = {name: SyncBatchNorm(channels, collective=name, cost_model=cost_model)
+              for name in ("all_gather", "all_reduce", "auto")}
     steps = {name: layer_pass(layer, x, grad) for name, layer in layers.items()}
     for step in steps.values():
         step()  # the all-reduce's first step gathers: its shift is the running mean from then on

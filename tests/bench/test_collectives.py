@@ -5,15 +5,15 @@ import torch.distributed as dist
 
 from syncbn.bench.collectives import collective_point
 from syncbn.bench.settings import Settings
-from syncbn.cost import layer_payloads, steps_and_bytes
+from syncbn.cost import Algorithm, CostModel, layer_payloads, steps_and_bytes
 from syncbn.distributed import DistContext
 
 HEADER = 400  # at most, Gloo's bytes per message beside its payload (about 300 measured)
 
 
-def point_on_rank(channels: int) -> dict:
+def point_on_rank(channels: int, cost_model: CostModel | None = None) -> dict:
     ctx = DistContext(dist.get_rank(), dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
-    return collective_point(channels, Settings(warmup=2, calls=1), ctx)
+    return collective_point(channels, Settings(warmup=2, calls=1), ctx, cost_model)
 
 
 def test_each_rank_receives_what_the_ring_moves_and_only_the_all_gathers_bytes_grow_with_the_ranks(gloo_group):
@@ -29,3 +29,15 @@ def test_each_rank_receives_what_the_ring_moves_and_only_the_all_gathers_bytes_g
             assert moved <= point["received_bytes"][name] <= moved + HEADER * rounds, (world_size, name)
     assert 2.9 < received[4]["all_gather"] / received[2]["all_gather"] < 3.1
     assert received[4]["all_reduce"] < 2 * sum(layer_payloads(4096)) < received[4]["all_gather"]
+
+
+REDUCES = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
+                    all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0),), source="reduces")
+
+
+def test_the_point_reports_what_the_layers_auto_chose(gloo_group):
+    """With the default model the layer gathers here (tests/test_cost.py); with one that reduces,
+    the point says so: the bench reads the layer, not the model."""
+    for point in gloo_group(2).run(point_on_rank, 16, REDUCES):
+        assert point["chosen"] == "all_reduce"
+        assert point["seconds"].keys() == {"all_gather", "all_reduce"} and point["channels"] == 16
