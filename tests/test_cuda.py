@@ -1,9 +1,9 @@
 """The CUDA path, which no machine of this project has run: collected everywhere, skipped without
 CUDA. ``launch/gpu_check.sh`` runs it on whatever GPUs a machine has (and reports):
 
-- on NCCL (a GPU per rank, 2 or more GPUs): the layer against ``torch.nn.SyncBatchNorm``, forward,
-  backward and running statistics, float32 and float64, uneven batches, channels-last, fp16/bf16
-  inputs as autocast hands them;
+- on NCCL (a GPU per rank, 2 or more GPUs): the layer, with either collective, against
+  ``torch.nn.SyncBatchNorm``, forward, backward and running statistics, float32 and float64, uneven
+  batches, channels-last, fp16/bf16 inputs as autocast hands them;
 - on one GPU shared by 2 ranks over Gloo (NCCL refuses two ranks on one device): the layer against
   ``nn.BatchNorm`` on the concatenated batch, which shows Gloo's CUDA collectives cover the layer's;
 - a short DDP training run on CUDA in float64 against the same run on CPU.
@@ -54,7 +54,8 @@ def both_layers_on_rank(case: Case) -> dict:
     rank, device = dist.get_rank(), torch.device("cuda", torch.cuda.current_device())
     results = {}
     for name, cls in (("ours", SyncBatchNorm), ("torch", torch.nn.SyncBatchNorm)):
-        layer = case.make(cls).to(device, torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype)
+        ours = {"collective": case.collective} if cls is SyncBatchNorm else {}
+        layer = case.make(cls, **ours).to(device, torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype)
         outputs, grads = [], []
         for x_global, dy_global in case.global_batches():
             x = case.local(x_global, rank).to(device).requires_grad_()
@@ -69,10 +70,11 @@ def both_layers_on_rank(case: Case) -> dict:
 
 
 @needs_two_gpus
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
 @pytest.mark.parametrize("dtype,shape", CASES, ids=lambda v: str(v).replace("torch.", ""))
-def test_the_layer_matches_torchs_syncbatchnorm_on_nccl(nccl_group, dtype, shape):
+def test_the_layer_matches_torchs_syncbatchnorm_on_nccl(nccl_group, dtype, shape, collective):
     sample_shape, memory_format = SHAPES[shape]
-    case = Case(sample_shape, memory_format, (3, 5), dtype=dtype)
+    case = Case(sample_shape, memory_format, (3, 5), dtype=dtype, collective=collective)
     for rank, result in enumerate(nccl_group.run(both_layers_on_rank, case)):
         ours, theirs = result["ours"], result["torch"]
         assert ours["kept_format"], f"rank {rank} lost the {memory_format}"

@@ -41,11 +41,17 @@ def plan(gpus: int) -> list[Step]:
     if gpus < 1:
         raise SystemExit("gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check")
     world_sizes = ["1", "2"] if gpus >= 2 else ["1"]  # NCCL takes a GPU per rank
+    # Both collectives on NCCL, at as many of 2, 4 and 8 ranks as there are GPUs: what the NCCL cost
+    # model (syncbn/cost.py) assumes, measured.
+    collective_world_sizes = [str(w) for w in (2, 4, 8) if w <= gpus]
+    cases = ["startup", "layer", "step", "sweep", "study"] + (["collective"] if collective_world_sizes else [])
     return [
         Step("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p",
                             "no:cacheprovider"], 360),
         Step("bench on cuda", [sys.executable, "-m", "syncbn.bench", "--quick", "--no-compile", "--device", "cuda",
                                "--world-sizes", *world_sizes, "--per-run-world-sizes", "--study-models",
+                               "--cases", *cases, *(["--collective-world-sizes", *collective_world_sizes]
+                                                    if collective_world_sizes else []),
                                "--out", "gpu_check_bench.json"], 200),
     ]
 

@@ -3,9 +3,11 @@
 import torch
 import torch.distributed as dist
 
+from test_batchnorm import REDUCES
+
 from syncbn.bench.collectives import collective_point
 from syncbn.bench.settings import Settings
-from syncbn.cost import Algorithm, CostModel, layer_payloads, steps_and_bytes
+from syncbn.cost import CostModel, layer_payloads, steps_and_bytes
 from syncbn.distributed import DistContext
 
 HEADER = 400  # at most, Gloo's bytes per message beside its payload (about 300 measured)
@@ -29,10 +31,6 @@ def test_each_rank_receives_what_the_ring_moves_and_only_the_all_gathers_bytes_g
             assert moved <= point["received_bytes"][name] <= moved + HEADER * rounds, (world_size, name)
     assert 2.9 < received[4]["all_gather"] / received[2]["all_gather"] < 3.1
     assert received[4]["all_reduce"] < 2 * sum(layer_payloads(4096)) < received[4]["all_gather"]
-
-
-REDUCES = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
-                    all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0),), source="reduces")
 
 
 def test_the_point_reports_what_the_layers_auto_chose(gloo_group):

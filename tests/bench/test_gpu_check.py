@@ -22,13 +22,19 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_1():
     assert not (ROOT / "gpu_check_report.md").exists()
 
 
-@pytest.mark.parametrize("gpus,world_sizes", [(1, ["1"]), (2, ["1", "2"]), (8, ["1", "2"])])
-def test_the_plan_runs_the_cuda_tests_then_the_bench_at_the_world_sizes_the_gpus_allow(gpus, world_sizes):
+@pytest.mark.parametrize("gpus,world_sizes,collective_world_sizes", [
+    (1, ["1"], []), (2, ["1", "2"], [2]), (4, ["1", "2"], [2, 4]), (8, ["1", "2"], [2, 4, 8])])
+def test_the_plan_runs_the_cuda_tests_then_the_bench_at_the_world_sizes_the_gpus_allow(gpus, world_sizes,
+                                                                                       collective_world_sizes):
+    """The collective case, both collectives on NCCL, at 2, 4 and 8 ranks as far as the GPUs go."""
     tests, bench = gpu_check.plan(gpus)
     assert tests.command[1:] == ["-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
     settings = parse_args(bench.command[3:])[0]  # the bench accepts it (a CUDA-less one too: nothing runs yet)
     assert (settings.device, [str(w) for w in settings.world_sizes]) == ("cuda", world_sizes)
     assert (settings.per_run_world_sizes, settings.study_models, settings.compile) == ([], [], False)
+    assert ("collective" in settings.cases) == bool(collective_world_sizes)
+    if collective_world_sizes:
+        assert settings.collective_world_sizes == collective_world_sizes
     assert sum(step.limit_s for step in (tests, bench)) < 600, "the whole check stays under 10 minutes"
 
 
