@@ -1,17 +1,15 @@
 """The cost model behind ``collective="auto"``: its formulas, its choice, and the Gloo constants it
 ships, which must be the bench's fit of the measurements in docs/ and choose well there."""
 
-import json
 import statistics
 
 import pytest
 from app import ROOT
 
-from syncbn.bench.costfit import fit
+from syncbn.bench.costfit import collective_points, fit, fit_file
 from syncbn.cost import GLOO, NCCL, Algorithm, CostModel, layer_payloads, model_for, steps_and_bytes
 
-MEASURED = [r for r in json.loads((ROOT / "docs" / "bench-collectives.json").read_text())["results"]
-            if r["case"] == "collective"]
+MEASURED = collective_points(ROOT / "docs" / "bench-collectives.json")
 
 
 @pytest.mark.parametrize("algorithm,world_size,expected", [
@@ -96,7 +94,8 @@ def test_nccls_assumed_model_gathers_on_a_few_gpus_and_reduces_on_many():
 
 
 def test_the_gloo_constants_are_the_benchs_fit_of_the_measurements_in_docs():
-    fitted = fit(MEASURED)
+    fitted = fit_file(ROOT / "docs" / "bench-collectives.json")
+    assert fitted == fit(MEASURED) and len(MEASURED) == 15
     for name in ("all_gather", "all_reduce"):
         [ours], [theirs] = getattr(GLOO, name), getattr(fitted, name)
         assert ours.name == theirs.name

@@ -10,7 +10,9 @@ work is in the times too: the fit puts it in the latency and the per-byte cost.
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -56,6 +58,16 @@ def fit(points: list[dict]) -> CostModel:
     return CostModel(all_gather=(fit_collective(points, "all_gather", GLOO.all_gather[0].name),),
                      all_reduce=(fit_collective(points, "all_reduce", GLOO.all_reduce[0].name),),
                      source=f"fitted to {len(points)} points")
+
+
+def collective_points(path: Path) -> list[dict]:
+    """The collective case's results in a ``python -m syncbn.bench`` JSON file."""
+    return [r for r in json.loads(Path(path).read_text())["results"] if r["case"] == "collective"]
+
+
+def fit_file(path: Path) -> CostModel:
+    """The model fitted to a bench run's JSON, for ``SyncBatchNorm(..., cost_model=fit_file(path))``."""
+    return fit(collective_points(path))
 
 
 def worst_error(model: CostModel, points: list[dict], collective: str) -> float:
