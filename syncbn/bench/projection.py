@@ -18,6 +18,7 @@ synchronizes on its own, forward and backward:
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 from syncbn.cost import NCCL, CostModel, layer_payloads
@@ -37,12 +38,13 @@ def layer_step_seconds(model: CostModel, contender: str, world_size: int, channe
     return model.layer_seconds(collective, world_size, channels)
 
 
-def resnet50_channels() -> list[int]:
-    """The channels of ResNet-50's BatchNorm layers, in order (torchvision's model)."""
+@functools.cache
+def resnet50_channels() -> tuple[int, ...]:
+    """The channels of ResNet-50's BatchNorm layers, in order (torchvision's model; built once)."""
     import torch.nn as nn
     from torchvision.models import resnet50
 
-    return [m.num_features for m in resnet50().modules() if isinstance(m, nn.BatchNorm2d)]
+    return tuple(m.num_features for m in resnet50().modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def projection(model: CostModel = NCCL) -> list[dict]:
