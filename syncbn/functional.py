@@ -156,25 +156,13 @@ def start_sum(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str,
 def start_all_reduce(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
     """Start summing ``packed`` over the group, in place; the function returned waits for the sum.
     Gloo's and NCCL's algorithms reduce each part of the vector once and hand that result to every
-    rank, so every rank gets the same bits."""
+    rank, so every rank gets the same bits. The process group's own call, as for the all-gather."""
     if group is None:
         return lambda: packed
     if torch.compiler.is_compiling():
         summed = funcol.all_reduce(packed, "sum", group)
         return lambda: summed
-    try:
-        work = dist.all_reduce(packed, group=group, async_op=True)
-    except RuntimeError as error:
-        raise _failed(phase, group.size(), error, "all_reduce") from error
-
-    def wait() -> torch.Tensor:
-        try:
-            work.wait()
-        except RuntimeError as error:
-            raise _failed(phase, group.size(), error, "all_reduce") from error
-        return packed
-
-    return wait
+    return _started(lambda: group.allreduce([packed]), packed, phase, group.size(), "all_reduce")
 
 
 def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
@@ -191,17 +179,25 @@ def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phas
         gathered = funcol.all_gather_tensor(packed, 0, group).view(world_size, -1)
         return lambda: gathered
     out = packed.new_empty(world_size * packed.numel())
+    return _started(lambda: _group_all_gather(group, out, packed), out.view(world_size, -1), phase, world_size,
+                    "all_gather")
+
+
+def _started(start: Callable[[], dist.Work], result: torch.Tensor, phase: str, world_size: int,
+             collective: str) -> Callable[[], torch.Tensor]:
+    """Start a collective that writes ``result``; the function returned waits for it. A failure,
+    starting or waiting, names the layer's phase and the collective."""
     try:
-        work = _group_all_gather(group, out, packed)
+        work = start()
     except RuntimeError as error:
-        raise _failed(phase, world_size, error) from error
+        raise _failed(phase, world_size, error, collective) from error
 
     def wait() -> torch.Tensor:
         try:
             work.wait()
         except RuntimeError as error:
-            raise _failed(phase, world_size, error) from error
-        return out.view(world_size, -1)
+            raise _failed(phase, world_size, error, collective) from error
+        return result
 
     return wait
 

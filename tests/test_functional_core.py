@@ -330,3 +330,23 @@ def test_a_constant_channels_shifted_variance_is_zero_not_the_rounding_below_it(
     mean, var = functional.unshift(summed, shift, 7)
     assert torch.equal(var, torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(mean, x[0], rtol=1e-15, atol=0)
+
+
+def shifted_core(group):
+    """The all-reduce path: the moments shifted by a value near the data's mean (2, as one_step draws)."""
+    def run(x, running_mean, running_var, weight, bias, momentum):
+        shift = torch.full((x.size(1),), 2.0, dtype=torch.float64)
+        return functional.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, 1e-5, group, shift)
+    return run
+
+
+@pytest.mark.parametrize("shape", list(CORE_SHAPES))
+def test_the_shifted_core_alone_and_through_a_group_of_one_is_batchnorm_with_one_all_reduce_each_way(group_of_one,
+                                                                                                     shape):
+    theirs = one_step(batchnorm, CORE_SHAPES[shape], 0.1, True, True)
+    with count_collectives() as counts:
+        through_group = one_step(shifted_core(group_of_one), CORE_SHAPES[shape], 0.1, True, True)
+    assert dict(counts) == {"c10d::allreduce_": 2}
+    for ours in (one_step(shifted_core(None), CORE_SHAPES[shape], 0.1, True, True), through_group):
+        for key in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+            torch.testing.assert_close(ours[key], theirs[key], **CORE_EXACT, msg=key)
