@@ -133,27 +133,29 @@ class SyncBatchNorm(_BatchNorm):
         alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
         if group is not None or alone_compiled:
             shift = None
-            if self._reduces(group, input):
+            if group is not None and self._reduces(group, input):  # alone, no collective to choose
                 # A copy: the function updates the running mean in place (and dynamo refuses one
                 # tensor passed as two of its inputs).
                 shift = running_mean.clone() if self.shift_ready else None
-                self.shift_ready = True
+                if not self.shift_ready:  # set once: nn.Module's __setattr__ costs a microsecond
+                    self.shift_ready = True
             return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group,
                                    shift)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
 
-    def _reduces(self, group: dist.ProcessGroup | None, input: torch.Tensor) -> bool:
+    def _reduces(self, group: dist.ProcessGroup, input: torch.Tensor) -> bool:
         """Whether this step all-reduces. ``auto`` asks the cost model, for the group's size (the same
         on every rank, as the model and the layer are: every rank chooses alike)."""
         if self.collective != "auto":
             return self.collective == "all_reduce"
         # Chosen again only when what it depends on changes: the model costs microseconds a step.
-        key = (None if group is None else group.size(), input.device.type, input.dtype, self.cost_model)
+        world_size = group.size()
+        key = (world_size, input.device.type, input.dtype, self.cost_model)
         if key != self.auto_key:
             choice = "all_gather"
-            if group is not None and self.track_running_stats:
+            if self.track_running_stats:
                 model = self.cost_model or model_for(input.device.type)
-                choice = model.choose(group.size(), self.num_features, stat_dtype(input.dtype).itemsize)
+                choice = model.choose(world_size, self.num_features, stat_dtype(input.dtype).itemsize)
             self.auto_choice, self.auto_key = choice, key
         return self.auto_choice == "all_reduce"
 

@@ -29,8 +29,8 @@ CONTENDERS = ("syncbn all_gather", "syncbn all_reduce", "syncbn auto", "torch Sy
 
 def layer_step_seconds(model: CostModel, contender: str, world_size: int, channels: int) -> float:
     if contender == "torch SyncBatchNorm":  # float32 [mean, invstd, count] gathered, the sums reduced
-        forward, backward = layer_payloads(channels)
-        return model.collective_seconds("all_gather", world_size, forward // 2) + \
+        _, backward = layer_payloads(channels)
+        return model.collective_seconds("all_gather", world_size, (2 * channels + 1) * 4) + \
             model.collective_seconds("all_reduce", world_size, backward)
     collective = contender.removeprefix("syncbn ")
     if collective == "auto":  # each layer as the layer chooses on CUDA tensors
