@@ -5,7 +5,8 @@
 #   pip install -e '.[test]' && launch/gpu_check.sh
 #
 # It runs the tests marked cuda (the layer against torch.nn.SyncBatchNorm on NCCL, ranks sharing one
-# GPU over Gloo, DDP training on CUDA against CPU in float64) and the benchmark's quick cases on CUDA.
+# GPU over Gloo, DDP training on CUDA against CPU in float64) and the benchmark's quick cases on CUDA,
+# both collectives on NCCL among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec python -m syncbn.bench.gpu_check "$@"

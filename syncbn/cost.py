@@ -63,7 +63,6 @@ class Algorithm:
 class CostModel:
     all_gather: tuple[Algorithm, ...]
     all_reduce: tuple[Algorithm, ...]
-    source: str  # where the constants come from
 
     def collective_seconds(self, collective: str, world_size: int, payload_bytes: float) -> float:
         """One call: its cheapest algorithm."""
@@ -85,7 +84,6 @@ class CostModel:
 GLOO = CostModel(
     all_gather=(Algorithm("ring_gather", alpha=613.6e-6, alpha_per_rank=228.2e-6, beta=10.80e-9),),
     all_reduce=(Algorithm("ring_reduce", alpha=314.1e-6, alpha_per_rank=203.8e-6, beta=18.31e-9),),
-    source="gloo: fitted on 2 cores",
 )
 
 
@@ -103,7 +101,6 @@ NCCL = CostModel(
     all_gather=(_nccl("ring_gather", 6.6, 2.7, 50 / 4), _nccl("ring_gather", 8.4, 9.6, 50)),
     all_reduce=(_nccl("ring_reduce", 6.6, 2.7, 50 / 4), _nccl("ring_reduce", 8.4, 9.6, 50),
                 _nccl("tree_reduce", 6.8, 5.0, 45 / 3.8), _nccl("tree_reduce", 0.0, 50.0, 45)),
-    source="nccl: its tuner's constants, 400 Gb/s",
 )
 
 

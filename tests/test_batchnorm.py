@@ -409,8 +409,8 @@ def test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits
 GATHER_EACH_WAY, REDUCE_EACH_WAY = {"c10d::_allgather_base_": 2}, {"c10d::allreduce_": 2}
 # Fixed models for ``auto``: one where only the all-gather's rounds cost, one where only the all-reduce's.
 REDUCES = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
-                    all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0),), source="reduces")
-GATHERS = CostModel(all_gather=REDUCES.all_reduce, all_reduce=REDUCES.all_gather, source="gathers")
+                    all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0),))
+GATHERS = CostModel(all_gather=REDUCES.all_reduce, all_reduce=REDUCES.all_gather)
 
 
 @pytest.mark.parametrize("model,chosen", [(REDUCES, "all_reduce"), (GATHERS, "all_gather"), (None, GLOO.choose(2, 4, 8))])
@@ -426,7 +426,7 @@ def test_auto_runs_the_collective_its_cost_model_chooses_for_the_group_and_shows
 
 # Gathers at 2 ranks (1 round against the tree's 2 x 0.6), reduces at 4 (3 rounds against 2 x 2 x 0.6).
 BY_SIZE = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
-                    all_reduce=(Algorithm("tree_reduce", alpha=0.6, beta=0.0),), source="by size")
+                    all_reduce=(Algorithm("tree_reduce", alpha=0.6, beta=0.0),))
 
 
 def choices_as_the_group_and_the_model_change() -> list[str]:
@@ -447,7 +447,7 @@ def test_auto_chooses_again_when_the_groups_size_or_its_model_changes(gloo_group
 # At 2 ranks and 4 channels the gather receives 72 + 32 bytes from float32 input, 72 + 64 from
 # float64, against the all-reduce's fixed 2 x 60: the gradient sums' dtype decides.
 BY_DTYPE = CostModel(all_gather=(Algorithm("ring_gather", alpha=0.0, beta=1.0),),
-                     all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0, latency=60.0),), source="by dtype")
+                     all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0, latency=60.0),))
 
 
 def choices_by_dtype() -> list[str]:

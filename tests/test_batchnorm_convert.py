@@ -125,7 +125,7 @@ def test_convert_gives_every_layer_the_collective_asked_for_where_it_has_its_shi
     converted = convert_sync_batchnorm(model, collective="all_reduce")
     assert (converted[0].collective, converted[1].collective) == ("all_reduce", "all_gather")
     assert convert_sync_batchnorm(nn.BatchNorm1d(3)).collective == "auto"
-    model = CostModel(all_gather=GLOO.all_reduce, all_reduce=GLOO.all_gather, source="swapped")
+    model = CostModel(all_gather=GLOO.all_reduce, all_reduce=GLOO.all_gather)
     converted = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False)),
                                        collective="auto", cost_model=model)
     assert (converted[0].collective, converted[1].collective) == ("auto", "all_gather")

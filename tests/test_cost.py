@@ -36,10 +36,10 @@ def test_a_layer_step_sends_moments_in_float64_and_gradient_sums_in_the_statisti
 
 
 def test_a_collective_runs_by_its_cheapest_algorithm():
-    model = CostModel(all_gather=(), source="test", all_reduce=(
+    model = CostModel(all_gather=(), all_reduce=(
         Algorithm("ring_reduce", alpha=1.0, beta=0.0), Algorithm("tree_reduce", alpha=1.0, beta=0.0)))
     assert model.collective_seconds("all_reduce", 1024, 100) == 20.0, "the tree's 2 log2 W rounds, not the ring's 2 (W - 1)"
-    model = CostModel(all_gather=(), source="test", all_reduce=(
+    model = CostModel(all_gather=(), all_reduce=(
         Algorithm("ring_reduce", alpha=0.0, beta=1.0), Algorithm("tree_reduce", alpha=0.0, beta=1.0)))
     assert model.collective_seconds("all_reduce", 4, 100) == 150.0, "the ring's 2 (W - 1) / W bytes, not the tree's 2"
 
@@ -51,8 +51,7 @@ def test_an_algorithm_pays_its_latency_per_call_its_rounds_and_its_bytes():
 
 
 def test_a_layer_step_is_its_two_collectives():
-    model = CostModel(all_gather=(Algorithm("ring_gather", alpha=2.0, beta=0.5, latency=3.0),), all_reduce=(),
-                      source="test")
+    model = CostModel(all_gather=(Algorithm("ring_gather", alpha=2.0, beta=0.5, latency=3.0),), all_reduce=())
     # C = 4: payloads of 72 and 32 bytes (or 64 in float64), 2 rounds each at W = 3.
     assert model.layer_seconds("all_gather", 3, 4) == 2 * 3.0 + 2.0 * 4 + 0.5 * (2 * 72 + 2 * 32)
     assert model.layer_seconds("all_gather", 3, 4, grad_itemsize=8) == 2 * 3.0 + 2.0 * 4 + 0.5 * (2 * 72 + 2 * 64)
@@ -62,7 +61,7 @@ def test_a_layer_step_is_its_two_collectives():
 # not grow with W. It wins once its bytes saved, (W - 1) (1 - 2 / W) (24 C + 8), outweigh its 2 (W - 1)
 # extra rounds: at W = 4 for C > 1666, at W = 64 for C > 860.
 FIXED = CostModel(all_gather=(Algorithm("ring_gather", alpha=1e-5, beta=1e-9),),
-                  all_reduce=(Algorithm("ring_reduce", alpha=1e-5, beta=1e-9),), source="test")
+                  all_reduce=(Algorithm("ring_reduce", alpha=1e-5, beta=1e-9),))
 
 
 @pytest.mark.parametrize("world_size,channels,expected", [
@@ -80,7 +79,7 @@ def test_auto_chooses_by_world_size_and_channels_under_a_fixed_model(world_size,
 
 def test_a_tie_gathers():
     same = (Algorithm("ring_gather", alpha=1.0, beta=0.0),)
-    assert CostModel(all_gather=same, all_reduce=same, source="test").choose(8, 16) == "all_gather"
+    assert CostModel(all_gather=same, all_reduce=same).choose(8, 16) == "all_gather"
 
 
 def test_cuda_tensors_get_nccls_model_and_every_other_device_gloos():

@@ -56,8 +56,7 @@ def fit_collective(points: list[dict], collective: str, algorithm: str) -> Algor
 def fit(points: list[dict]) -> CostModel:
     """A Gloo model fitted to the collective case's results: Gloo's algorithm for each collective."""
     return CostModel(all_gather=(fit_collective(points, "all_gather", GLOO.all_gather[0].name),),
-                     all_reduce=(fit_collective(points, "all_reduce", GLOO.all_reduce[0].name),),
-                     source=f"fitted to {len(points)} points")
+                     all_reduce=(fit_collective(points, "all_reduce", GLOO.all_reduce[0].name),))
 
 
 def collective_points(path: Path) -> list[dict]:

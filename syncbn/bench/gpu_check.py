@@ -5,8 +5,9 @@ and under 10 minutes, ending in a short report to send back (``gpu_check_report.
 
 Steps, each under its own time limit: the tests marked ``cuda`` (the layer against
 ``torch.nn.SyncBatchNorm`` on NCCL, ranks sharing one GPU over Gloo, DDP training on CUDA against
-CPU in float64), then the benchmark's quick layer and training-step cases on CUDA beside torch's
-SyncBatchNorm. Without CUDA it says so in one line and exits 1.
+CPU in float64), then the benchmark's quick cases on CUDA: the layer and training step beside torch's
+SyncBatchNorm, and, with 2 or more GPUs, the all-gather against the all-reduce on NCCL (what the NCCL
+cost model of ``syncbn/cost.py`` assumes). Without CUDA it says so in one line and exits 1.
 """
 
 from __future__ import annotations

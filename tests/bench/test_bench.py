@@ -185,7 +185,7 @@ def test_the_collective_table_reads_each_point_against_the_better_collective_and
     """``auto`` chose the all-reduce at one point, where it is 1.25x the all-gather; 4 ranks on 2
     cores are oversubscribed."""
     model = CostModel(all_gather=(Algorithm("ring_gather", alpha=1e-3, beta=1e-9),),
-                      all_reduce=(Algorithm("ring_reduce", alpha=1e-3, beta=1e-9),), source="test")
+                      all_reduce=(Algorithm("ring_reduce", alpha=1e-3, beta=1e-9),))
     points = [dict(case="collective", world_size=w, channels=c, chosen="all_reduce" if (w, c) == (4, 64) else "all_gather",
                    received_bytes={"all_gather": 1000.0 * w, "all_reduce": 1500.0},
                    seconds={n: [model.layer_seconds(n, w, c) * (1.25 if (w, c, n) == (4, 64, "all_reduce") else 1)] * 3

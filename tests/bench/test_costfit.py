@@ -10,7 +10,6 @@ from syncbn.cost import Algorithm, CostModel
 KNOWN = CostModel(
     all_gather=(Algorithm("ring_gather", alpha=300e-6, alpha_per_rank=100e-6, beta=2e-9, latency=400e-6),),
     all_reduce=(Algorithm("ring_reduce", alpha=200e-6, alpha_per_rank=150e-6, beta=5e-9, latency=500e-6),),
-    source="test",
 )
 
 

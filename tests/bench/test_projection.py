@@ -12,7 +12,7 @@ from syncbn.cost import NCCL, Algorithm, CostModel
 
 # Every byte a rank receives costs a second, nothing else: the contenders' payloads, counted.
 BYTES = CostModel(all_gather=(Algorithm("ring_gather", alpha=0.0, beta=1.0),),
-                  all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=1.0),), source="bytes")
+                  all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=1.0),))
 
 
 def test_resnet50_has_53_batchnorms_from_64_to_2048_channels():
