@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from syncbn.cost import CostModel, model_for
-from syncbn.functional import stat_dtype, sync_batch_norm
+from syncbn.cost import CostModel, model_for, resolve_model
+from syncbn.functional import sync_batch_norm
 
 # Each way: every rank's moments gathered, their shifted sums reduced, or the one a cost model
 # says is cheaper for the group's size and the layer's channels (syncbn/cost.py).
@@ -61,11 +62,14 @@ class SyncBatchNorm(_BatchNorm):
     a process group, or in a group of one, it is exactly ``F.batch_norm`` with no communication.
 
     ``collective``: ``"all_gather"`` (every rank's moments, W x (2C + 1) values arrive at each rank),
-    ``"all_reduce"`` (their sums, shifted by the running mean: 2C + 1 values, whatever W; the
-    layer's first step still gathers), or ``"auto"`` (the default): the cheaper of the two for the
-    group's size and the layer's channels by ``cost_model`` (``syncbn/cost.py``; None: the model
-    measured for Gloo on CPU tensors, NCCL's tuner's for CUDA tensors), shown in the repr once
-    chosen. Both are exact: their statistics agree to float64's rounding.
+    ``"all_reduce"`` (their sums: 2C + 1 values, whatever W, and 2C more in the rare steps whose
+    channels lie so far from 0 that the sums cancel), or ``"auto"`` (the default): the cheaper of the
+    two for the group's backend and size and the layer's channels by ``cost_model``
+    (``syncbn/cost.py``; None: the model measured for Gloo, or NCCL's tuner's for an NCCL group; or
+    a model, or the name of a shipped one, ``"gloo"`` or ``"nccl"``), shown in the repr once chosen.
+    Both are exact: their statistics agree to float64's rounding. Which one runs, and every value
+    its result depends on, comes from the step's data, what every rank received, and the layer's
+    construction, never from one rank's history (docs/layer.md, "Agreement").
 
     Gradients: the input gradient is the gradient of the sum of every rank's loss; ``weight.grad``
     and ``bias.grad`` are this rank's share of it. DDP's averaging of all gradients therefore gives
@@ -85,7 +89,7 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         collective: str = "auto",
-        cost_model: CostModel | None = None,
+        cost_model: CostModel | str | None = None,
     ) -> None:
         # torch's keywords as torch takes them: ``bias`` (with ``affine``, a weight and no bias)
         # exists from torch 2.14 on, and only a torch that has it is passed it.
@@ -93,17 +97,10 @@ class SyncBatchNorm(_BatchNorm):
                          **({} if bias else {"bias": False}))
         if collective not in COLLECTIVES:
             raise ValueError(f"SyncBatchNorm collective must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
-        if collective == "all_reduce" and not track_running_stats:
-            raise ValueError("SyncBatchNorm collective='all_reduce' shifts the moments by the running mean: it needs "
-                             "track_running_stats=True")
         self.collective = collective
-        # ``auto``'s model: None, the measured Gloo model for CPU tensors, NCCL's for CUDA tensors.
-        self.cost_model = cost_model
+        self.cost_model = resolve_model(cost_model)  # ``auto``'s; None: by the group's backend
         self.auto_choice: str | None = None  # what ``auto`` chose in the last training step
         self.auto_key: tuple | None = None  # what it chose by: the model's inputs in that step
-        # The all-reduce's shift is the running mean once a step has moved it from its start (0):
-        # a first step, whose means may be far from 0, is merged by all-gather, exactly.
-        self.shift_ready = False
         self.process_group = process_group
         self.plain_class: type[_BatchNorm] | None = None
         self.last_input_dim: int | None = None
@@ -132,36 +129,28 @@ class SyncBatchNorm(_BatchNorm):
         # cannot take without a graph break (pytorch/pytorch#194504); the synchronized core can.
         alone_compiled = self.momentum is None and running_mean is not None and torch.compiler.is_compiling()
         if group is not None or alone_compiled:
-            shift = None
-            if group is not None and self._reduces(group, input):  # alone, no collective to choose
-                # A copy: the function updates the running mean in place (and dynamo refuses one
-                # tensor passed as two of its inputs).
-                shift = running_mean.clone() if self.shift_ready else None
-                if not self.shift_ready:  # set once: nn.Module's __setattr__ costs a microsecond
-                    self.shift_ready = True
+            collective = "all_gather" if group is None else self._collective_for(group)
             return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group,
-                                   shift)
+                                   collective)
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
 
-    def _reduces(self, group: dist.ProcessGroup, input: torch.Tensor) -> bool:
-        """Whether this step all-reduces. ``auto`` asks the cost model, for the group's size (the same
-        on every rank, as the model and the layer are: every rank chooses alike)."""
+    def _collective_for(self, group: dist.ProcessGroup) -> str:
+        """The collective of this step. ``auto`` asks the cost model for the group's backend and size
+        and the layer's channels: what every rank of the group shares, so every rank chooses alike."""
         if self.collective != "auto":
-            return self.collective == "all_reduce"
+            return self.collective
         # Chosen again only when what it depends on changes: the model costs microseconds a step.
-        world_size = group.size()
-        key = (world_size, input.device.type, input.dtype, self.cost_model)
+        compiling = torch.compiler.is_compiling()
+        key = (group.size(), group._get_backend_name(), self.cost_model, compiling)
         if key != self.auto_key:
-            choice = "all_gather"
-            if self.track_running_stats:
-                model = self.cost_model or model_for(input.device.type)
-                choice = model.choose(world_size, self.num_features, stat_dtype(input.dtype).itemsize)
-            self.auto_choice, self.auto_key = choice, key
-        return self.auto_choice == "all_reduce"
+            world_size, backend = key[:2]
+            model = self.cost_model or model_for(backend)
+            # Compiled, the all-reduce's forward runs both its rounds at every step.
+            self.auto_choice = model.choose(world_size, self.num_features, reduce_rounds=2 if compiling else 1)
+            self.auto_key = key
+        return self.auto_choice
 
     def extra_repr(self) -> str:
-        if self.collective == "all_gather":
-            return super().extra_repr()
         chose = f" (chose {self.auto_choice})" if self.collective == "auto" and self.auto_choice else ""
         return super().extra_repr() + f", collective={self.collective}{chose}"
 
@@ -235,35 +224,38 @@ def _norm_args(module: _BatchNorm) -> dict:
     )
 
 
-def _replace_layers(module: nn.Module, replace) -> nn.Module:
-    """Apply ``replace`` (layer -> new layer, or None to descend) through the module tree."""
-    replaced = replace(module)
+def _replace_layers(module: nn.Module, replace, path: str = "") -> nn.Module:
+    """Apply ``replace`` (layer, its dotted path -> new layer, or None to descend) through the tree."""
+    replaced = replace(module, path)
     if replaced is not None:
         return replaced
     for name, child in module.named_children():
-        new_child = _replace_layers(child, replace)
+        new_child = _replace_layers(child, replace, f"{path}.{name}" if path else name)
         if new_child is not child:
             setattr(module, name, new_child)
     return module
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None,
-                           collective: str = "auto", cost_model: CostModel | None = None) -> nn.Module:
+                           collective: str = "auto", cost_model: CostModel | str | None = None) -> nn.Module:
     """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours, each with
-    ``collective`` and ``cost_model`` (a layer without running statistics keeps the all-gather, which
-    needs none).
-    ``GhostBatchNorm``, which emulates unsynchronized ranks on purpose, is left as it is.
+    ``collective`` and ``cost_model``. ``GhostBatchNorm``, which emulates unsynchronized ranks on
+    purpose, is left as it is; a lazy BatchNorm that has not seen an input yet is refused (it has
+    no channels yet: run one forward pass first, as DDP needs too).
 
     The new layers hold the same parameter and buffer objects and the same train/eval mode.
     Containers are changed in place; the (possibly new) root is returned.
     """
 
-    def to_sync(layer: nn.Module) -> SyncBatchNorm | None:
+    def to_sync(layer: nn.Module, path: str) -> SyncBatchNorm | None:
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):
             return None
-        chosen = collective if layer.track_running_stats else "all_gather"
-        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group, collective=chosen,
-                                                     cost_model=cost_model))
+        if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
+            raise ValueError(f"convert_sync_batchnorm: {type(layer).__name__} at {path or 'the root'!r} has not "
+                             "seen an input yet, so it has no channels to synchronize; run one forward pass "
+                             "before converting")
+        converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group,
+                                                     collective=collective, cost_model=cost_model))
         if not isinstance(layer, nn.SyncBatchNorm):
             converted.plain_class = type(layer)
         return converted
@@ -291,7 +283,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     one for the input rank it last saw, holding the same parameter and buffer objects.
     """
 
-    def to_plain(layer: nn.Module) -> _BatchNorm | None:
+    def to_plain(layer: nn.Module, path: str) -> _BatchNorm | None:
         if not isinstance(layer, SyncBatchNorm):
             return None
         return _move_state(layer, _plain_class_for(layer)(**_norm_args(layer)))

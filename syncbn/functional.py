@@ -9,33 +9,35 @@ Forward, on every rank of the group:
   4. one fused eval-mode ``torch.batch_norm`` pass with the global statistics, keeping dtype and
      memory format.
 
-Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; one ``all_gather``
-of the two packed sums, added up in rank order (so every rank gets bit-identical numbers);
-the input gradient in closed form: its ``a * dy`` term while the sums travel, then one fused pass.
+Backward: one fused pass gives the local ``sum(dy)`` and ``sum(dy * x_hat)``; one collective of the
+two packed sums (float64 on every rank, whatever its input's dtype), added up so that every rank
+gets bit-identical numbers; the input gradient in closed form, in the statistics' dtype and
+rounded once to the input's: its ``a * dy`` term while the sums travel, then one fused pass.
 With ``create_graph=True`` these first derivatives stay in the graph; asking for a second raises
-(the gathered sums are not differentiated again).
+(the summed statistics are not differentiated again).
 
-All-gather rather than all-reduce: on Gloo it is faster for these small payloads (2.0-2.6x at 2
-ranks, 1.2-1.4x at 4, ``python -m syncbn.bench``), and it makes the stable merge possible. When the
-input needs no gradient, backward needs no collective (weight and bias gradients are local shares).
+The all-reduce instead of the all-gather: each rank sends ``[n, n m, M2 + n m^2]`` (its count, mean
+``m`` and sum of squared deviations ``M2``), one all-reduce gives the group's sums, from which every
+rank computes the same mean and variance. Where a channel's mean lies far from 0 against its
+spread those sums cancel, and every rank sees it in the sums it received: then, and only then, a
+second all-reduce sums the moments again shifted by the first round's mean. Nothing that decides
+this, or that the result depends on, is one rank's own state (docs/layer.md, "Agreement").
+
+When the input needs no gradient, backward needs no collective (weight and bias gradients are
+local shares).
 
 The same code compiles with ``torch.compile(fullgraph=True)``: no ``.item()`` or data-dependent
-branch on the traced path, and where tracing needs another op (the collective, the moments, the
-single-value check) ``torch.compiler.is_compiling()`` picks it.
+branch on the traced path (the all-reduce runs its second round at every step there), and where
+tracing needs another op (the collective, the moments, the single-value check)
+``torch.compiler.is_compiling()`` picks it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
-# The process group's own all-gather (torch 2.14 named it all_gather_single), not the ``dist``
-# function around it: that wrapper's checks are Python work on every call, and CPU work right
-# after a latency-bound collective costs more than its own time (docs/performance.md).
-_group_all_gather = getattr(dist.ProcessGroup, "all_gather_single", None) or dist.ProcessGroup._allgather_base
+from syncbn.comm import start_all_gather, start_all_reduce, start_sum
 
 _SINGLE_VALUE_ERROR = "Expected more than 1 value per channel when training, got input size {}"
 
@@ -86,10 +88,14 @@ def group_count(gathered: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor |
                                          "channel in the whole group")
         return total, False
     counts = gathered[:, 0].tolist()
-    count = int(sum(counts))
+    return checked_count(int(sum(counts)), x), min(counts) == max(counts)
+
+
+def checked_count(count: int, x: torch.Tensor) -> int:
+    """The group's values per channel, after BatchNorm's check that there is more than one."""
     if count == 1:
         raise ValueError(_SINGLE_VALUE_ERROR.format(f"{tuple(x.shape)} on this rank, 1 in the whole group"))
-    return count, min(counts) == max(counts)
+    return count
 
 
 def _at_least_one(count: torch.Tensor | int) -> torch.Tensor | int:
@@ -117,98 +123,57 @@ def merge_moments(gathered: torch.Tensor, count: torch.Tensor | int, equal_count
     return moments.view(2, channels)
 
 
-def shifted_moments(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """This rank's ``[n, n (m - s), M2 + n (m - s)^2]`` per channel in float64 (``m``, ``M2``: its
-    mean and sum of squared deviations; ``s``: a shift every rank shares): the group's sums of these
-    give its count, mean and variance, by one all-reduce."""
-    count, moments = local_moments(x).split([1, 2 * x.size(1)])
-    mean, var = moments.view(2, -1)
-    deviation = mean - _cast(shift, torch.float64)
+# The all-reduce's first round sums the moments about 0. Where a channel's squared mean exceeds
+# this many times its variance, those sums have cancelled more digits than the bound in
+# docs/layer.md allows, and a second round sums the moments about the first round's mean.
+CANCELLATION_LIMIT = 64.0
+
+
+def shifted_sums(moments: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """From this rank's ``[n, mean, var]`` (``local_moments``), ``[n (m - s), M2 + n (m - s)^2]`` per
+    channel in float64 (``M2 = n var``; ``s``: a shift every rank shares, None for 0): the group's
+    sums of these, with its count, give its mean and variance (``unshift``)."""
+    count, mean, var = moments.split([1, *[(moments.numel() - 1) // 2] * 2])
+    deviation = mean if shift is None else mean - shift
     shifted = count * deviation
-    return torch.cat([count, shifted, count * var + shifted * deviation])
+    return torch.cat([shifted, count * var + shifted * deviation])
 
 
-def unshift(summed: torch.Tensor, shift: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+def unshift(summed: torch.Tensor, shift: torch.Tensor | None, count: torch.Tensor | int) -> torch.Tensor:
     """The group's mean and biased variance, rows of one (2, C) float64 tensor, from its sums
-    ``[N, S1, S2]``: ``mean = s + S1 / N``, ``var = (S2 - S1^2 / N) / N``. The subtraction cancels
-    as much as ``(mean - s)^2`` exceeds the variance, so the shift must lie near the mean
-    (docs/layer.md). With no value anywhere: the shift and 0, which nothing uses."""
-    s1, s2 = summed[1:].view(2, -1) / _at_least_one(count)
-    return torch.stack([_cast(shift, torch.float64) + s1, (s2 - s1 * s1).clamp_(min=0)])
+    ``[S1, S2]`` about ``shift`` (None: 0): ``mean = s + S1 / N``, ``var = (S2 - S1^2 / N) / N``.
+    The subtraction cancels as much as ``(mean - s)^2`` exceeds the variance (docs/layer.md).
+    With no value anywhere: the shift and 0, which nothing uses."""
+    s1, s2 = summed.view(2, -1) / _at_least_one(count)
+    mean = s1 if shift is None else shift + s1
+    return torch.stack([mean, (s2 - s1 * s1).clamp_(min=0)])
 
 
-def reduced_count(summed: torch.Tensor, x: torch.Tensor) -> torch.Tensor | int:
-    """The group's values per channel from the all-reduced sums, with BatchNorm's check, as
-    ``group_count`` does for the gathered rows."""
-    return group_count(summed[:1].view(1, 1), x)[0]
+def cancels(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Whether the first round's sums ``[S1, S2]`` about 0 cancel in some channel, a 0-d bool tensor:
+    ``mean^2 > CANCELLATION_LIMIT * var``, or a sum that is not finite (a NaN or an overflow in the
+    step's data). Read off the summed values alone, so every rank decides alike."""
+    s1, s2 = summed.view(2, -1) / count.clamp(min=1)
+    square = s1 * s1
+    return ~(square <= CANCELLATION_LIMIT * (s2 - square)).all()
 
 
-def start_sum(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str,
-              collective: str) -> Callable[[], torch.Tensor]:
-    """Start adding up every rank's ``packed``: an all-reduce, or an all-gather whose rows are then
-    added in rank order; either way every rank gets the same bits."""
-    if collective == "all_reduce":
-        return start_all_reduce(packed, group, phase)
-    gathered = start_all_gather(packed, group, phase)
-    return lambda: gathered().sum(0)
-
-
-def start_all_reduce(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
-    """Start summing ``packed`` over the group, in place; the function returned waits for the sum.
-    Gloo's and NCCL's algorithms reduce each part of the vector once and hand that result to every
-    rank, so every rank gets the same bits. The process group's own call, as for the all-gather."""
-    if group is None:
-        return lambda: packed
+def reduced_moments(moments: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup | None,
+                    phase: str = "forward") -> tuple[torch.Tensor | int, torch.Tensor]:
+    """The group's count and ``[mean, var]`` (2, C) by all-reduce: the sums about 0, then, where
+    they cancel (always, compiled: the graph cannot branch on them), the sums about the first
+    round's mean, which every rank received alike."""
+    first = start_all_reduce(torch.cat([moments[:1], shifted_sums(moments, None)]), group, phase)()
     if torch.compiler.is_compiling():
-        summed = funcol.all_reduce(packed, "sum", group)
-        return lambda: summed
-    return _started(lambda: group.allreduce([packed]), packed, phase, group.size(), "all_reduce")
-
-
-def start_all_gather(packed: torch.Tensor, group: dist.ProcessGroup | None, phase: str) -> Callable[[], torch.Tensor]:
-    """Start gathering every rank's ``packed`` as the rows of a (W, n) tensor; the function returned
-    waits for them. Work that does not need them belongs in between, while they travel: on a
-    latency-bound collective (Gloo, small payloads) CPU work there costs nothing as long as it takes
-    less time than the collective, and work placed after it costs more than its own time
-    (``python -m syncbn.bench``: local BN's work after the collectives and while they travel)."""
-    if group is None:  # this rank alone
-        return lambda: packed.view(1, -1)
-    world_size = group.size()
-    if torch.compiler.is_compiling():
-        # Traced as a functional collective: inside the graph, ordered by its data dependences.
-        gathered = funcol.all_gather_tensor(packed, 0, group).view(world_size, -1)
-        return lambda: gathered
-    out = packed.new_empty(world_size * packed.numel())
-    return _started(lambda: _group_all_gather(group, out, packed), out.view(world_size, -1), phase, world_size,
-                    "all_gather")
-
-
-def _started(start: Callable[[], dist.Work], result: torch.Tensor, phase: str, world_size: int,
-             collective: str) -> Callable[[], torch.Tensor]:
-    """Start a collective that writes ``result``; the function returned waits for it. A failure,
-    starting or waiting, names the layer's phase and the collective."""
-    try:
-        work = start()
-    except RuntimeError as error:
-        raise _failed(phase, world_size, error, collective) from error
-
-    def wait() -> torch.Tensor:
-        try:
-            work.wait()
-        except RuntimeError as error:
-            raise _failed(phase, world_size, error, collective) from error
-        return result
-
-    return wait
-
-
-def _failed(phase: str, world_size: int, error: RuntimeError, collective: str = "all_gather") -> RuntimeError:
-    # The backend's message (a timeout, a closed connection) does not say which call it was.
-    detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    return RuntimeError(
-        f"SyncBatchNorm {phase}: {collective} over {world_size} ranks failed, a rank stopped, died or took "
-        f"a different path before joining it (process-group timeout / connection loss): {detail}"
-    )
+        count, second = group_count(first[:1].view(1, 1), x)[0], True
+    else:
+        # One read of the summed values: the count, and whether they cancel.
+        total, cancelled = torch.stack([first[0], cancels(first[1:], first[0]).to(first.dtype)]).tolist()
+        count, second = checked_count(int(total), x), bool(cancelled)
+    if not second:
+        return count, unshift(first[1:], None, count)
+    shift = first[1 : x.size(1) + 1] / _at_least_one(count)
+    return count, unshift(start_all_reduce(shifted_sums(moments, shift), group, phase)(), shift, count)
 
 
 def _update_running_stats(
@@ -235,25 +200,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the union of the group's batches."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, shift):
-        if shift is None:  # all-gather: Chan's merge of the rows
-            gathered = start_all_gather(local_moments(x), group, "forward")()
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, collective):
+        moments = local_moments(x)
+        if collective == "all_reduce":
+            count, stats = reduced_moments(moments, x, group)
+        else:  # Chan's merge of the gathered rows
+            gathered = start_all_gather(moments, group, "forward")()
             count, equal_counts = group_count(gathered, x)
-            moments = merge_moments(gathered, count, equal_counts)
-        else:  # all-reduce of the shifted sums
-            summed = start_all_reduce(shifted_moments(x, shift), group, "forward")()
-            count = reduced_count(summed, x)
-            moments = unshift(summed, shift, count)
-        mean, var = _cast(moments, stat_dtype(x.dtype))
+            stats = merge_moments(gathered, count, equal_counts)
+        mean, var = _cast(stats, stat_dtype(x.dtype))
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        ctx.eps, ctx.group = eps, group
-        ctx.collective = "all_gather" if shift is None else "all_reduce"
+        ctx.eps, ctx.group, ctx.collective = eps, group, collective
         ctx.weight_dtype = None if weight is None else weight.dtype
         # Compiled, the count is a tensor of the graph and must be saved as one.
         ctx.count = None if isinstance(count, torch.Tensor) else count
         ctx.save_for_backward(x, weight, mean, var, count if ctx.count is None else None)
-        # Even on a rank with no values: the output must depend on the gathered statistics, or a
-        # compiler would drop the all-gather there as dead code and its peers would wait forever.
+        # Even on a rank with no values: the output must depend on the received statistics, or a
+        # compiler would drop the collective there as dead code and its peers would wait forever.
         return _normalize(x, mean, var, _cast(weight, mean.dtype), _cast(bias, mean.dtype), eps)
 
     @staticmethod
@@ -262,21 +225,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if not torch.is_grad_enabled():
             return *_gradients(ctx, grad_out, *saved), None, None, None, None, None, None
         # create_graph=True: the first derivatives are kept, the second refused.
-        with torch.no_grad():
-            grads = _gradients(ctx, grad_out, *saved)
-        x, weight = saved[:2]
-        return *_NoSecondDerivative.apply(grad_out, x, weight, *grads), None, None, None, None, None, None
+        return *_FirstDerivatives.apply(ctx, grad_out, *saved), None, None, None, None, None, None
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """The first derivatives, passed through with edges to what they depend on (the incoming
-    gradient, the input, the weight): asked for again (double backward, a gradient penalty), they
-    raise here, rather than give a second derivative that treats the group's gathered sums and
-    this rank's statistics as constants."""
+class _FirstDerivatives(torch.autograd.Function):
+    """The first derivatives under ``create_graph=True``, computed here so that they are new tensors
+    (changeable in place, as torch's are) with edges to what they depend on (the incoming gradient,
+    the input, the weight): asked for again (double backward, a gradient penalty), they raise,
+    rather than give a second derivative that treats the group's summed statistics and this rank's
+    statistics as constants."""
 
     @staticmethod
-    def forward(ctx, grad_out, x, weight, *grads):
-        return tuple(None if grad is None else grad.view_as(grad) for grad in grads)
+    def forward(ctx, forward_ctx, grad_out, x, weight, mean, var, count):
+        return _gradients(forward_ctx, grad_out, x, weight, mean, var, count)
 
     @staticmethod
     def backward(ctx, *_):
@@ -289,17 +250,24 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 def _gradients(ctx, grad_out, x, weight, mean, var, count) -> tuple[torch.Tensor | None, ...]:
-    """The input, weight and bias gradients (those asked for); the input's needs the group's sums."""
-    sum_dy, sum_dy_xhat = _local_grad_sums(grad_out, x, mean, var, ctx.eps)
+    """The input, weight and bias gradients (those asked for); the input's needs the group's sums.
+    Half-precision input is worked on in the statistics' dtype (float32) and the input gradient
+    rounded to its dtype once, as torch's BatchNorm kernels do: its terms, rounded each and then
+    added, would lose the digits where ``dy`` is mostly its mean, and overflow where ``dy`` is large."""
+    x_stat, grad_stat = _cast(x, mean.dtype), _cast(grad_out, mean.dtype)
+    sum_dy, sum_dy_xhat = _local_grad_sums(grad_stat, x_stat, mean, var, ctx.eps)
     grad_weight = _cast(sum_dy_xhat, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
     grad_bias = _cast(sum_dy, ctx.weight_dtype) if ctx.needs_input_grad[2] else None
     grad_input = None
     if ctx.needs_input_grad[0]:
-        # Every rank gathers, even one with no values: its peers may have some.
-        sums = start_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group, "backward", ctx.collective)
+        # Every rank sends, even one with no values: its peers may have some. float64 on every rank,
+        # whatever its input's dtype, so that the collective has one size everywhere.
+        packed = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
+        sums = start_sum(packed, ctx.group, "backward", ctx.collective)
         count = ctx.count if count is None else count
-        per_sum, grad_input = _scaled_grad(grad_out, x, weight, var, ctx.eps, count)  # while the sums travel
-        grad_input = _add_shift(grad_input, x, mean, var, ctx.eps, per_sum, sums())
+        per_sum, grad_input = _scaled_grad(grad_stat, x_stat, weight, var, ctx.eps, count)  # while the sums travel
+        grad_input = _cast(_add_shift(grad_input, x_stat, mean, var, ctx.eps, per_sum, _cast(sums(), var.dtype)),
+                           x.dtype)
     return grad_input, grad_weight, grad_bias
 
 
@@ -352,15 +320,15 @@ def sync_batch_norm(
     momentum: float,
     eps: float,
     group: dist.ProcessGroup | None,
-    shift: torch.Tensor | None = None,
+    collective: str = "all_gather",
 ) -> torch.Tensor:
     """Training-mode batch norm with statistics over every rank of ``group`` (or this rank's batch
     alone for None: what a compiled layer with ``momentum=None`` runs outside a group, where
     ``F.batch_norm`` cannot take the cumulative average's momentum as a traced value).
 
-    ``shift``: None, one all-gather each way (Chan's merge of every rank's moments); a per-channel
-    tensor equal on every rank and near the channels' means, one all-reduce each way of the moments
-    shifted by it (``shifted_moments``), whose traffic does not grow with the number of ranks.
+    ``collective``: ``"all_gather"``, one all-gather each way (Chan's merge of every rank's
+    moments); ``"all_reduce"``, one all-reduce each way of the moments' sums, a second in forward
+    where they cancel (``reduced_moments``): its traffic does not grow with the number of ranks.
 
     Gradients: ``x.grad`` is the gradient of the *sum* of all ranks' losses; ``weight.grad`` and
     ``bias.grad`` are this rank's share of it, so their sum over ranks (or DDP's average, paired
@@ -368,4 +336,4 @@ def sync_batch_norm(
     """
     if eps <= 0:  # as F.batch_norm in training; the layer's own passes run it in eval mode
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group, shift)
+    return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps, group, collective)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm
-from syncbn.cost import GLOO, Algorithm, CostModel
+from syncbn.cost import GLOO, NCCL, Algorithm, CostModel
 from syncbn.distributed import count_collectives
 
 STEPS = 3
@@ -178,12 +178,9 @@ PARITY = [
 @pytest.mark.parametrize("world_size,shape,split", PARITY)
 def test_parity_with_batchnorm_on_global_batch(gloo_group, world_size, shape, split, collective):
     """Outputs, all gradients, running statistics and eval outputs equal nn.BatchNorm's on the
-    concatenated batch (float64, 1e-10), for every flag combination (the all-reduce: those with
-    running statistics, its shift; its first step is an all-gather, the next two all-reduces)."""
+    concatenated batch (float64, 1e-10), for every flag combination."""
     sample_shape, memory_format = SHAPES[shape]
     for momentum, affine, track in FLAGS:
-        if collective == "all_reduce" and not track:
-            continue
         case = Case(sample_shape, memory_format, SPLITS[split][:world_size], momentum, affine, track,
                     collective=collective)
         ranks = gloo_group(world_size).run(run_layer_on_rank, case)
@@ -396,12 +393,11 @@ def collectives_and_statistics_on_rank(collective: str, cost_model: CostModel | 
 
 @pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
 def test_each_collective_is_one_call_each_way_and_gives_every_rank_the_same_bits(gloo_group, collective):
-    """The all-reduce's first step gathers (its shift, the running mean, has not moved from 0 yet);
-    from then on one all-reduce each way. The statistics every rank computes are bit for bit the same."""
+    """From the first step (channels of mean 7 and std 3: the all-reduce's sums about 0 do not
+    cancel). The statistics every rank computes are bit for bit the same."""
     ranks = gloo_group(2).run(collectives_and_statistics_on_rank, collective)
-    gather, reduce = GATHER_EACH_WAY, REDUCE_EACH_WAY
-    expected = [gather] * 3 if collective == "all_gather" else [gather, reduce, reduce]
-    assert all(r["counts"] == expected for r in ranks)
+    each_way = {"all_gather": GATHER_EACH_WAY, "all_reduce": REDUCE_EACH_WAY}[collective]
+    assert all(r["counts"] == [each_way] * 3 for r in ranks)
     assert torch.equal(ranks[0]["running_mean"], ranks[1]["running_mean"])
     assert torch.equal(ranks[0]["running_var"], ranks[1]["running_var"])
 
@@ -413,13 +409,14 @@ REDUCES = CostModel(all_gather=(Algorithm("ring_gather", alpha=1.0, beta=0.0),),
 GATHERS = CostModel(all_gather=REDUCES.all_reduce, all_reduce=REDUCES.all_gather)
 
 
-@pytest.mark.parametrize("model,chosen", [(REDUCES, "all_reduce"), (GATHERS, "all_gather"), (None, GLOO.choose(2, 4, 8))])
-def test_auto_runs_the_collective_its_cost_model_chooses_for_the_group_and_shows_it(gloo_group, model, chosen):
-    """None: the model measured for Gloo, for CPU tensors (float64 here: 8-byte gradient sums)."""
-    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", model)
-    first = GATHER_EACH_WAY  # the all-reduce's shift is not ready before a first step
+@pytest.mark.parametrize("model,chosen", [(REDUCES, "all_reduce"), (GATHERS, "all_gather"), (None, GLOO.choose(2, 4))])
+@pytest.mark.parametrize("track", [True, False])
+def test_auto_runs_the_collective_its_cost_model_chooses_for_the_group_and_shows_it(gloo_group, model, chosen, track):
+    """None: the model measured for Gloo, the group's backend. With or without running statistics:
+    neither collective needs them."""
+    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", model, track)
     each_way = {"all_reduce": REDUCE_EACH_WAY, "all_gather": GATHER_EACH_WAY}[chosen]
-    assert all(r["counts"] == [first, each_way, each_way] and r["choice"] == chosen for r in ranks)
+    assert all(r["counts"] == [each_way] * 3 and r["choice"] == chosen for r in ranks)
     assert ranks[0]["before"].endswith(", collective=auto)")
     assert ranks[0]["after"].endswith(f", collective=auto (chose {chosen}))")
 
@@ -444,30 +441,6 @@ def test_auto_chooses_again_when_the_groups_size_or_its_model_changes(gloo_group
         assert choices == ["all_gather", "all_reduce", "all_gather"]
 
 
-# At 2 ranks and 4 channels the gather receives 72 + 32 bytes from float32 input, 72 + 64 from
-# float64, against the all-reduce's fixed 2 x 60: the gradient sums' dtype decides.
-BY_DTYPE = CostModel(all_gather=(Algorithm("ring_gather", alpha=0.0, beta=1.0),),
-                     all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0, latency=60.0),))
-
-
-def choices_by_dtype() -> list[str]:
-    layer, choices = SyncBatchNorm(4, cost_model=BY_DTYPE), []
-    for dtype in (torch.float32, torch.float64):
-        layer.to(dtype)(torch.randn(5, 4, dtype=dtype)).sum().backward()
-        choices.append(layer.auto_choice)
-    return choices
-
-
-def test_auto_weighs_the_gradient_sums_in_the_inputs_statistics_dtype(gloo_group):
-    for choices in gloo_group(2).run(choices_by_dtype):
-        assert choices == ["all_gather", "all_reduce"]
-
-
-def test_auto_gathers_in_a_layer_without_a_running_mean_to_shift_by(gloo_group):
-    ranks = gloo_group(2).run(collectives_and_statistics_on_rank, "auto", REDUCES, False)
-    assert all(r["counts"] == [GATHER_EACH_WAY] * 3 and r["choice"] == "all_gather" for r in ranks)
-
-
 def test_auto_alone_chooses_nothing_and_is_batchnorm():
     x = torch.randn(6, 4, dtype=torch.float64)
     layer, plain = SyncBatchNorm(4, collective="auto", cost_model=REDUCES).double(), nn.BatchNorm1d(4).double()
@@ -475,12 +448,18 @@ def test_auto_alone_chooses_nothing_and_is_batchnorm():
     assert repr(layer).endswith(", collective=auto)")
 
 
-def test_a_collective_the_layer_does_not_have_or_an_all_reduce_without_its_shift_is_refused():
+def test_a_collective_or_a_cost_model_the_layer_does_not_have_is_refused_when_it_is_built():
     with pytest.raises(ValueError, match="SyncBatchNorm collective must be one of auto, all_gather, all_reduce, got 'ring'"):
         SyncBatchNorm(3, collective="ring")
-    with pytest.raises(ValueError, match="collective='all_reduce' shifts the moments by the running mean: it needs "
-                                         "track_running_stats=True"):
-        SyncBatchNorm(3, collective="all_reduce", track_running_stats=False)
-    assert "collective=all_reduce" in repr(SyncBatchNorm(3, collective="all_reduce"))
-    assert "collective" not in repr(SyncBatchNorm(3, collective="all_gather"))
+    for bad in ("bogus", 7):
+        with pytest.raises(ValueError, match="^SyncBatchNorm cost_model must be None, a syncbn.cost.CostModel or "):
+            SyncBatchNorm(3, cost_model=bad)
+    assert SyncBatchNorm(3, cost_model="nccl").cost_model is NCCL
+    assert SyncBatchNorm(3, collective="all_reduce", track_running_stats=False).collective == "all_reduce"
+
+
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce", "auto"])
+def test_the_repr_names_the_collective_whichever_it_is(collective):
+    torchs = nn.BatchNorm1d(3).extra_repr()
+    assert repr(SyncBatchNorm(3, collective=collective)) == f"SyncBatchNorm({torchs}, collective={collective})"
     assert repr(SyncBatchNorm(3)).endswith(", collective=auto)"), "auto is the default"

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
-from syncbn.cost import GLOO, CostModel
+from syncbn.cost import GLOO, NCCL, CostModel
 
 
 def test_convert_and_revert_keep_parameters_buffers_and_outputs():
@@ -120,14 +120,33 @@ def test_convert_and_revert_carry_everything_torchs_convert_carries():
     assert not hasattr(reverted[1], "qconfig") and reverted[1].weight is None and not reverted[1].training
 
 
-def test_convert_gives_every_layer_the_collective_asked_for_where_it_has_its_shift():
+def test_convert_gives_every_layer_the_collective_and_cost_model_asked_for():
+    """Layers without running statistics too: neither collective needs them."""
     model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False))
     converted = convert_sync_batchnorm(model, collective="all_reduce")
-    assert (converted[0].collective, converted[1].collective) == ("all_reduce", "all_gather")
+    assert (converted[0].collective, converted[1].collective) == ("all_reduce", "all_reduce")
     assert convert_sync_batchnorm(nn.BatchNorm1d(3)).collective == "auto"
     model = CostModel(all_gather=GLOO.all_reduce, all_reduce=GLOO.all_gather)
     converted = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm2d(3, track_running_stats=False)),
                                        collective="auto", cost_model=model)
-    assert (converted[0].collective, converted[1].collective) == ("auto", "all_gather")
+    assert (converted[0].collective, converted[1].collective) == ("auto", "auto")
     assert converted[0].cost_model is model and converted[1].cost_model is model
     assert convert_sync_batchnorm(nn.BatchNorm1d(3)).cost_model is None
+    assert convert_sync_batchnorm(nn.BatchNorm1d(3), cost_model="nccl").cost_model is NCCL
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d])
+def test_a_lazy_batchnorm_is_refused_by_name_until_it_has_seen_an_input_then_converted(lazy):
+    """Uninitialized, it has no channels (torch's convert makes a layer of 0 channels of it)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(lazy()))
+    with pytest.raises(ValueError, match=rf"^convert_sync_batchnorm: {lazy.__name__} at '1.0' has not seen an input "
+                                         "yet, so it has no channels to synchronize; run one forward pass before "
+                                         "converting$"):
+        convert_sync_batchnorm(model)
+    assert isinstance(model[1][0], lazy), "nothing converted"
+    with pytest.raises(ValueError, match=f"{lazy.__name__} at 'the root'"):
+        convert_sync_batchnorm(lazy())
+    sample = {nn.LazyBatchNorm1d: (2, 4), nn.LazyBatchNorm2d: (2, 4, 3, 3), nn.LazyBatchNorm3d: (2, 4, 2, 2, 2)}[lazy]
+    model[1](torch.randn(sample))
+    converted = convert_sync_batchnorm(model)[1][0]
+    assert isinstance(converted, SyncBatchNorm) and converted.num_features == 4 and converted.running_mean.shape == (4,)

@@ -12,6 +12,7 @@ from test_batchnorm import (EXACT, REDUCES, SHAPES, SPLITS, Case, assert_matches
                             run_layer_on_rank)
 
 from syncbn import SyncBatchNorm
+from syncbn.cost import Algorithm, CostModel
 
 # No C++ compiler, or an ATEN_CPU_CAPABILITY override (under default, CI saw "'at::vec' has not been declared").
 CANNOT_COMPILE = why_not_compiled()
@@ -125,3 +126,74 @@ def test_one_value_in_the_whole_group_is_an_error_inside_the_compiled_graph_on_e
     for message in gloo_group(2).run(single_value_compiled, (1, 0)):
         assert "Expected more than 1 value per channel when training, got 1 value per channel in the whole group" in message
     assert gloo_group(2).run(explain_layer) == [(1, 0), (1, 0)], "the group still works"
+
+
+def far_from_zero_compiled(x_global: torch.Tensor, dy_global: torch.Tensor) -> dict:
+    """The compiled all-reduce runs both forward rounds at every step (a graph cannot branch on the
+    sums): exact where the first round's sums about 0 cancel, as the eager layer's second round is."""
+    torch._dynamo.reset()
+    rank = dist.get_rank()
+    layer = SyncBatchNorm(x_global.size(1), collective="all_reduce", dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    x = x_global.chunk(2)[rank].clone().requires_grad_()
+    y = compiled(x)
+    y.backward(dy_global.chunk(2)[rank])
+    return dict(y=y.detach(), dx=x.grad)
+
+
+def test_the_compiled_all_reduce_is_exact_far_from_zero(gloo_group):
+    gen = torch.Generator().manual_seed(0)
+    x = 1e6 + torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    dy = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    moved = (x - 1e6).requires_grad_()  # exactly: where BatchNorm's own float64 loses nothing
+    expected = torch.nn.functional.batch_norm(moved, None, None, training=True)
+    expected.backward(dy)
+    ranks = gloo_group(2).run(far_from_zero_compiled, x, dy)
+    data_rounding = dict(rtol=1e-10, atol=4 * 1e6 * torch.finfo(torch.float64).eps)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), expected.detach(), **data_rounding)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), moved.grad, **data_rounding)
+
+
+# One call of either collective costs what its rounds do: the all-reduce's step is 2 calls eager
+# (2 units) against the gather's 2 x 1.5; compiled, its 3 calls (3 units) tie with it, and a tie gathers.
+BY_ROUNDS = CostModel(all_gather=(Algorithm("ring_gather", alpha=0.0, beta=0.0, latency=1.5),),
+                      all_reduce=(Algorithm("ring_reduce", alpha=0.0, beta=0.0, latency=1.0),))
+
+
+def auto_eager_and_compiled() -> list[str]:
+    choices = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        layer = SyncBatchNorm(3, cost_model=BY_ROUNDS)
+        (torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer)(torch.randn(4, 3))
+        choices.append(layer.auto_choice)
+    return choices
+
+
+def test_auto_counts_the_compiled_all_reduces_second_forward_round(gloo_group):
+    assert gloo_group(2).run(auto_eager_and_compiled) == [["all_reduce", "all_gather"]] * 2
+
+
+def half_gradients_compiled(x_global: torch.Tensor, dy_global: torch.Tensor, collective: str) -> torch.Tensor:
+    torch._dynamo.reset()
+    layer = SyncBatchNorm(x_global.size(1), collective=collective)
+    x = x_global.chunk(2)[dist.get_rank()].clone().requires_grad_()
+    torch.compile(layer, fullgraph=True, dynamic=False)(x).backward(dy_global.chunk(2)[dist.get_rank()])
+    return x.grad
+
+
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_half_precision_input_gradients_are_as_accurate_as_torchs(gloo_group, dtype, collective):
+    """dy of about 1000 on input of std 1e-2 (a loss scaler's): finite where torch's BatchNorm in that
+    dtype is, and as close to float64 (within 1.25x of its error: another summation order)."""
+    gen = torch.Generator().manual_seed(0)
+    x, dy = (1e-2 * torch.randn(64, 4, generator=gen)).to(dtype), (1000 + torch.randn(64, 4, generator=gen)).to(dtype)
+    truth = x.double().requires_grad_()
+    torch.nn.functional.batch_norm(truth, None, None, training=True).backward(dy.double())
+    theirs = x.clone().requires_grad_()
+    torch.nn.functional.batch_norm(theirs, None, None, training=True).backward(dy)
+    ours = torch.cat(gloo_group(2).run(half_gradients_compiled, x, dy, collective))
+    assert ours.dtype == dtype and torch.equal(ours.isfinite(), theirs.grad.isfinite())
+    error = lambda grad: ((grad.double() - truth.grad).abs().max() / truth.grad.abs().max()).item()  # noqa: E731
+    assert error(ours) <= 1.25 * error(theirs.grad)

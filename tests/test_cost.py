@@ -7,7 +7,8 @@ import pytest
 from app import ROOT
 
 from syncbn.bench.costfit import collective_points, fit, fit_file
-from syncbn.cost import GLOO, NCCL, Algorithm, CostModel, layer_payloads, model_for, steps_and_bytes
+from syncbn.cost import (GLOO, NCCL, Algorithm, CostModel, layer_payloads, model_for, nccl_model, resolve_model,
+                         steps_and_bytes)
 
 MEASURED = collective_points(ROOT / "docs" / "bench-collectives.json")
 
@@ -30,9 +31,8 @@ def test_an_algorithm_the_model_does_not_know_is_refused_by_name():
         steps_and_bytes("bcube", 4, 100)
 
 
-def test_a_layer_step_sends_moments_in_float64_and_gradient_sums_in_the_statistics_dtype():
-    assert layer_payloads(16) == (33 * 8, 32 * 4)
-    assert layer_payloads(16, grad_itemsize=8) == (33 * 8, 32 * 8)
+def test_a_layer_step_sends_moments_and_gradient_sums_in_float64_whatever_the_inputs_dtype():
+    assert layer_payloads(16) == (33 * 8, 32 * 8)
 
 
 def test_a_collective_runs_by_its_cheapest_algorithm():
@@ -50,16 +50,19 @@ def test_an_algorithm_pays_its_latency_per_call_its_rounds_and_its_bytes():
     assert Algorithm("tree_reduce", alpha=1.0, beta=0.0).seconds(1, 72) == 0.0
 
 
-def test_a_layer_step_is_its_two_collectives():
-    model = CostModel(all_gather=(Algorithm("ring_gather", alpha=2.0, beta=0.5, latency=3.0),), all_reduce=())
-    # C = 4: payloads of 72 and 32 bytes (or 64 in float64), 2 rounds each at W = 3.
-    assert model.layer_seconds("all_gather", 3, 4) == 2 * 3.0 + 2.0 * 4 + 0.5 * (2 * 72 + 2 * 32)
-    assert model.layer_seconds("all_gather", 3, 4, grad_itemsize=8) == 2 * 3.0 + 2.0 * 4 + 0.5 * (2 * 72 + 2 * 64)
+def test_a_layer_step_is_its_two_collectives_and_a_compiled_all_reduce_step_its_three():
+    ring = Algorithm("ring_gather", alpha=2.0, beta=0.5, latency=3.0)
+    model = CostModel(all_gather=(ring,), all_reduce=(ring,))
+    # C = 4: payloads of 72 and 64 bytes, 2 rounds each at W = 3.
+    assert model.layer_seconds("all_gather", 3, 4) == 2 * 3.0 + 2.0 * 4 + 0.5 * (2 * 72 + 2 * 64)
+    assert model.layer_seconds("all_reduce", 3, 4) == model.layer_seconds("all_gather", 3, 4)
+    assert model.layer_seconds("all_gather", 3, 4, reduce_rounds=2) == model.layer_seconds("all_gather", 3, 4)
+    assert model.layer_seconds("all_reduce", 3, 4, reduce_rounds=2) == 3 * 3.0 + 3 * 2.0 * 2 + 0.5 * 2 * (72 + 2 * 64)
 
 
 # Same latency and bandwidth: the ring all-reduce pays twice the gather's rounds, but its bytes do
-# not grow with W. It wins once its bytes saved, (W - 1) (1 - 2 / W) (24 C + 8), outweigh its 2 (W - 1)
-# extra rounds: at W = 4 for C > 1666, at W = 64 for C > 860.
+# not grow with W. It wins once its bytes saved, (W - 1) (1 - 2 / W) (32 C + 8), outweigh its 2 (W - 1)
+# extra rounds: at W = 4 for C > 1249, at W = 64 for C > 644.
 FIXED = CostModel(all_gather=(Algorithm("ring_gather", alpha=1e-5, beta=1e-9),),
                   all_reduce=(Algorithm("ring_reduce", alpha=1e-5, beta=1e-9),))
 
@@ -68,10 +71,10 @@ FIXED = CostModel(all_gather=(Algorithm("ring_gather", alpha=1e-5, beta=1e-9),),
     (2, 16, "all_gather"),
     (2, 1_000_000, "all_gather"),  # two ranks: the same bytes, and the gather's fewer rounds
     (4, 16, "all_gather"),
-    (4, 1600, "all_gather"),
-    (4, 1700, "all_reduce"),
-    (64, 800, "all_gather"),
-    (64, 1000, "all_reduce"),
+    (4, 1200, "all_gather"),
+    (4, 1300, "all_reduce"),
+    (64, 600, "all_gather"),
+    (64, 700, "all_reduce"),
 ])
 def test_auto_chooses_by_world_size_and_channels_under_a_fixed_model(world_size, channels, expected):
     assert FIXED.choose(world_size, channels) == expected
@@ -82,14 +85,24 @@ def test_a_tie_gathers():
     assert CostModel(all_gather=same, all_reduce=same).choose(8, 16) == "all_gather"
 
 
-def test_cuda_tensors_get_nccls_model_and_every_other_device_gloos():
-    assert model_for("cuda") is NCCL
-    assert model_for("cpu") is GLOO and model_for("meta") is GLOO
+def test_an_nccl_group_gets_nccls_model_and_every_other_backend_gloos():
+    assert model_for("nccl") is NCCL
+    assert model_for("gloo") is GLOO and model_for("ucc") is GLOO
 
 
-def test_nccls_assumed_model_gathers_on_a_few_gpus_and_reduces_on_many():
-    assert NCCL.choose(2, 256) == "all_gather"
+def test_a_cost_model_is_none_a_model_or_the_name_of_a_shipped_one_and_nothing_else():
+    assert resolve_model(None) is None and resolve_model(FIXED) is FIXED
+    assert resolve_model("nccl") is NCCL and resolve_model("gloo") is GLOO
+    for bad in ("NCCL", "mpi", 3, NCCL.all_gather):
+        with pytest.raises(ValueError, match=r"^SyncBatchNorm cost_model must be None, a syncbn.cost.CostModel or "
+                                             r"one of 'gloo', 'nccl', got "):
+            resolve_model(bad)
+
+
+def test_nccls_model_gathers_within_a_node_and_reduces_across_many():
+    assert NCCL.choose(8, 256) == "all_gather"
     assert NCCL.choose(1024, 256) == "all_reduce"
+    assert nccl_model(8) == NCCL and nccl_model(1) != NCCL
 
 
 def test_the_gloo_constants_are_the_benchs_fit_of_the_measurements_in_docs():

@@ -4,6 +4,7 @@ rank rows; the running statistics; the errors. test_functional.py runs it on rea
 
 from __future__ import annotations
 
+import fractions
 import re
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from syncbn import functional
+from syncbn import comm, functional
 from syncbn.distributed import count_collectives
 
 
@@ -146,6 +147,18 @@ def test_the_core_alone_keeps_the_first_derivative_and_refuses_every_second(loss
     assert str(refused.value) == NO_SECOND_DERIVATIVE
 
 
+def test_first_derivatives_kept_for_a_second_pass_can_be_changed_in_place_as_torchs():
+    """create_graph=True: clipping or scaling the gradients in place works, as with F.batch_norm."""
+    for run in (lambda x, w: functional.sync_batch_norm(x, None, None, w, None, 0.1, 1e-5, None),
+                lambda x, w: F.batch_norm(x, None, None, w, None, True)):
+        x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+        weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        dx, dw = torch.autograd.grad((run(x, weight) ** 3).sum(), (x, weight), create_graph=True)
+        dx.mul_(0.5)
+        dw.clamp_(max=0.1)
+        assert dx.requires_grad and dw.max() <= 0.1
+
+
 @pytest.mark.parametrize("dtype,statistics", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                               (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
 def test_statistics_are_float32_or_float64_for_float64_input_and_the_output_keeps_the_dtype(dtype, statistics):
@@ -249,10 +262,10 @@ def test_one_all_gather_forward_and_one_backward_only_when_the_input_needs_its_g
 
 
 def test_a_collective_that_fails_names_the_phase_the_world_size_and_the_backends_last_line():
-    error = functional._failed("backward", 4, RuntimeError("Gloo said\n  something\n[timeout] after 3000ms  "))
+    error = comm._failed("backward", 4, RuntimeError("Gloo said\n  something\n[timeout] after 3000ms  "))
     assert str(error) == ("SyncBatchNorm backward: all_gather over 4 ranks failed, a rank stopped, died or took a "
                           "different path before joining it (process-group timeout / connection loss): [timeout] after 3000ms")
-    assert str(functional._failed("forward", 2, RuntimeError(""))).endswith("connection loss): RuntimeError")
+    assert str(comm._failed("forward", 2, RuntimeError(""))).endswith("connection loss): RuntimeError")
 
 
 @pytest.fixture
@@ -282,39 +295,65 @@ def test_the_traced_branches_keep_the_statistics_of_an_empty_group_and_refuse_a_
         functional.sync_batch_norm(torch.randn(1, 2), None, None, None, None, 0.1, 1e-5, None)
 
 
-def shifted_against_merged(shift: float) -> float:
-    """The all-reduce's variance of float64 data with mean 1e4 and std 1 split over 3 "ranks" (their
-    shifted sums added as the all-reduce adds them), against the all-gather's Chan merge of the same
-    ranks' moments: the largest relative difference."""
-    x = torch.randn(96, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e4
-    parts, shift_tensor = x.split([40, 50, 6]), torch.full((2,), shift, dtype=torch.float64)
-    summed = sum(functional.shifted_moments(part, shift_tensor) for part in parts)
-    mean, var = functional.unshift(summed, shift_tensor, functional.reduced_count(summed, x))
-    rows = torch.stack([functional.local_moments(part) for part in parts])
-    merged_mean, merged_var = functional.merge_moments(rows, *functional.group_count(rows, x))
-    torch.testing.assert_close(mean, merged_mean, rtol=1e-15, atol=0)
-    return ((var - merged_var).abs() / merged_var).max().item()
+EPS = torch.finfo(torch.float64).eps
 
 
-def test_the_shifted_sums_are_as_exact_as_the_merge_near_the_mean_and_cancel_where_the_shift_is_far():
-    """The error bound of docs/layer.md: about float64's epsilon times (mean - shift)^2 / var. With
-    the shift within a standard deviation of the mean (the running mean after some steps) the
-    variance agrees with Chan's merge to float64's rounding (measured 2.4e-16 here; both are 2e-13 from
-    the exact variance, the data's own rounding at 1e4); with the shift at 0 and the mean at 1e4 (a
-    first step), 1e8 times that is lost (measured 1.2e-8): why the layer's first step gathers."""
-    assert shifted_against_merged(1e4 + 0.5) < 1e-13
-    assert shifted_against_merged(0.0) > 1e-9
+def exact_variance(x: torch.Tensor) -> float:
+    """The biased variance of float64 values in exact rational arithmetic, rounded once."""
+    values = [fractions.Fraction(v) for v in x.tolist()]
+    mean = sum(values) / len(values)
+    return float(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def first_round(parts: list[torch.Tensor]) -> torch.Tensor:
+    """What the all-reduce's first round gives every rank: the ranks' ``[n, S1, S2]`` about 0, added."""
+    return sum(torch.cat([m[:1], functional.shifted_sums(m, None)]) for m in map(functional.local_moments, parts))
+
+
+def at_ratio(ratio: float, scale: float, world_size: int, seed: int) -> torch.Tensor:
+    """world_size x 40 float64 values with mean^2 / var = ``ratio`` exactly in their draw, times ``scale``."""
+    x = torch.randn(world_size * 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return ((x - x.mean()) / x.std(unbiased=False) + ratio ** 0.5) * scale
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_below_the_cancellation_limit_the_sums_about_zero_keep_the_variance_within_the_bound(world_size):
+    """docs/layer.md's bound, at its edge: the first round's variance is within (W + 2) eps (1 +
+    mean^2 / var) of the exact one (measured up to 0.45 of it), and up to mean^2 / var = 64 the
+    layer takes it; past 64 it asks for the second round."""
+    for seed, scale in enumerate([1e-8, 1e-3, 1.0, 7.0, 1e5, 1e9]):
+        x = at_ratio(63.9, scale, world_size, seed)
+        summed = first_round(list(x.view(world_size, 40, 1)))
+        assert not functional.cancels(summed[1:], summed[0])
+        _, var = functional.unshift(summed[1:], None, int(summed[0]))
+        exact = exact_variance(x)
+        ratio = x.mean().item() ** 2 / exact
+        assert abs(var.item() - exact) / exact <= (world_size + 2) * EPS * (1 + ratio), (scale, ratio)
+        beyond = first_round(list(at_ratio(64.1, scale, world_size, seed).view(world_size, 40, 1)))
+        assert functional.cancels(beyond[1:], beyond[0])
+
+
+@pytest.mark.parametrize("values,second", [([1.0, 2.0, 3.0], False), ([0.0, 0.0, 0.0], False),
+                                           ([5.0, 5.0, 5.0], True), ([1.0, float("nan"), 3.0], True),
+                                           ([1.0, float("inf"), 3.0], True), ([1e200, -1e200, 1e200], True)],
+                         ids=["near-zero", "all-zero", "constant-off-zero", "nan", "inf", "overflowing-square"])
+def test_sums_that_cancel_or_are_not_finite_ask_for_the_second_round(values, second):
+    """A constant channel off 0 cancels completely; a NaN, an inf or a square past float64's range
+    leaves a sum that is not finite. Each is read off the summed values alone."""
+    summed = first_round([torch.tensor(values, dtype=torch.float64).view(-1, 1)])
+    assert bool(functional.cancels(summed[1:], summed[0])) == second
 
 
 @pytest.mark.parametrize("sizes", [(4, 0, 3), (0, 0, 0), (1, 1, 5)])
 def test_the_shifted_sums_give_the_count_mean_and_variance_of_the_global_batch(sizes):
     x = torch.randn(sum(sizes), 3, 2, dtype=torch.float64) * 2 + 5
     shift = torch.tensor([4.0, 5.5, 6.0], dtype=torch.float64)
-    summed = sum(functional.shifted_moments(part, shift) for part in x.split(list(sizes)))
-    if sum(sizes) == 0:
+    moments = [functional.local_moments(part) for part in x.split(list(sizes))]
+    count = int(sum(m[0] for m in moments))
+    summed = sum(functional.shifted_sums(m, shift) for m in moments)
+    if count == 0:
         assert summed.abs().sum() == 0 and functional.unshift(summed, shift, 0)[1].abs().sum() == 0
         return
-    count = functional.reduced_count(summed, x)
     mean, var = functional.unshift(summed, shift, count)
     values = x.transpose(0, 1).reshape(3, -1)
     assert count == values.size(1)
@@ -326,27 +365,31 @@ def test_a_constant_channels_shifted_variance_is_zero_not_the_rounding_below_it(
     """(S2 - S1^2 / N) of equal values rounds to -8.9e-16 here: the variance is clamped at 0."""
     x = torch.full((7, 2), 3.3, dtype=torch.float64)
     shift = torch.full((2,), 1.1, dtype=torch.float64)
-    summed = sum(functional.shifted_moments(part, shift) for part in x.split([3, 4]))
+    summed = sum(functional.shifted_sums(functional.local_moments(part), shift) for part in x.split([3, 4]))
     mean, var = functional.unshift(summed, shift, 7)
     assert torch.equal(var, torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(mean, x[0], rtol=1e-15, atol=0)
 
 
-def shifted_core(group):
-    """The all-reduce path: the moments shifted by a value near the data's mean (2, as one_step draws)."""
+def all_reduce_core(group):
     def run(x, running_mean, running_var, weight, bias, momentum):
-        shift = torch.full((x.size(1),), 2.0, dtype=torch.float64)
-        return functional.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, 1e-5, group, shift)
+        return functional.sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, 1e-5, group,
+                                          "all_reduce")
     return run
 
 
+@pytest.mark.parametrize("offset,rounds", [(0.0, 1), (1e6, 2)], ids=["near-zero", "far-from-zero"])
 @pytest.mark.parametrize("shape", list(CORE_SHAPES))
-def test_the_shifted_core_alone_and_through_a_group_of_one_is_batchnorm_with_one_all_reduce_each_way(group_of_one,
-                                                                                                     shape):
-    theirs = one_step(batchnorm, CORE_SHAPES[shape], 0.1, True, True)
+def test_the_all_reduce_core_alone_and_through_a_group_of_one_is_batchnorm(group_of_one, shape, offset, rounds):
+    """Data drawn with mean 2 and std 3 need one round; moved 1e6 from 0 (a first round about 0
+    would cancel 11 digits), two. Either way F.batch_norm's numbers to 1e-10, one all-reduce back."""
+    def far(run):
+        return lambda x, *args: run(x + offset, *args)
+
+    theirs = one_step(far(batchnorm), CORE_SHAPES[shape], 0.1, True, True)
     with count_collectives() as counts:
-        through_group = one_step(shifted_core(group_of_one), CORE_SHAPES[shape], 0.1, True, True)
-    assert dict(counts) == {"c10d::allreduce_": 2}
-    for ours in (one_step(shifted_core(None), CORE_SHAPES[shape], 0.1, True, True), through_group):
+        through_group = one_step(far(all_reduce_core(group_of_one)), CORE_SHAPES[shape], 0.1, True, True)
+    assert dict(counts) == {"c10d::allreduce_": rounds + 1}
+    for ours in (one_step(far(all_reduce_core(None)), CORE_SHAPES[shape], 0.1, True, True), through_group):
         for key in ("y", "dx", "dw", "db", "running_mean", "running_var"):
             torch.testing.assert_close(ours[key], theirs[key], **CORE_EXACT, msg=key)

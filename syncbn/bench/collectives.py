@@ -55,7 +55,7 @@ def collective_point(channels: int, settings: Settings, ctx: distributed.DistCon
               for name in ("all_gather", "all_reduce", "auto")}
     steps = {name: layer_pass(layer, x, grad) for name, layer in layers.items()}
     for step in steps.values():
-        step()  # the all-reduce's first step gathers: its shift is the running mean from then on
+        step()  # a first step of each: auto chooses there, and every path is warm
     timed = {name: steps[name] for name in ("all_gather", "all_reduce")}
     return dict(
         case="collective", world_size=ctx.world_size, channels=channels,

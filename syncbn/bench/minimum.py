@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from syncbn.functional import start_all_gather
+from syncbn.comm import start_all_gather
 
 _EPS = 1e-5
 

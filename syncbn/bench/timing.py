@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from syncbn import distributed
 from syncbn.bench.settings import Settings
-from syncbn.functional import start_all_gather
+from syncbn.comm import start_all_gather
 from syncbn.training.loop import compile_quietly
 
 
