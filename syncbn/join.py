@@ -1,0 +1,192 @@
+"""Uneven inputs: torch's ``Join`` with the layer's own ``Joinable``, so that DDP ranks that run out of
+batches take part in the synchronized BatchNorm steps of the ranks that have not.
+
+    with syncbn.join(ddp_model):              # or syncbn.join(ddp_model, optimizer, ...) with other Joinables
+        for x, y in loader:                    # ranks may hold different numbers of batches
+            loss_fn(ddp_model(x), y).backward()
+            optimizer.step(); optimizer.zero_grad()
+
+torch's ``Join`` lets a rank that has joined shadow DDP's collectives, but nothing shadows a
+synchronized BatchNorm's, so its peers would wait for it forever (torch documents
+``nn.SyncBatchNorm`` as unsupported there). Here a rank that has joined runs, each time its peers
+run a step, the model itself on an empty batch (its last batch's shape, no samples) and backward
+through the outputs its own last step's loss used: every SyncBatchNorm layer then issues exactly
+the collectives its peers issue, in their order (a branching model's, a second all-reduce round's
+included: the same code decides), contributing no value, and updates its running statistics with
+the same numbers as they do. So each step's statistics are those of the ranks still training, the
+gradients follow DDP's rule (a joined rank contributes zeros, divided by the initial world size),
+and every rank ends with the same parameters (DDP's last-joiner broadcast) and running statistics.
+
+The layers' collectives move to a process group of their own (a twin of each group, with the same
+ranks) while the context is open, because a joined rank issues them in this Joinable's hook, not
+interleaved with DDP's gradient buckets as its peers do; the twins are made on every rank when the
+context opens and dropped when it closes. Requirements, checked when it opens: DDP without
+``broadcast_buffers`` (``forward_sync_buffers`` from torch 2.14; the layer's statistics are equal on
+every rank already: a broadcast before each forward would block the peers before the layer's
+collectives that the joined rank shadows); only training steps inside the context, as DDP's own
+Join assumes; a model that accepts an empty batch, as torch's layers do. A rank that runs no batch
+at all inside the context needs ``example``, one batch (its positional arguments) to take the shape
+of, and backpropagates through every output of the model (it saw no loss to tell which it uses). ``syncbn.joinable(model)`` gives the Joinable for a ``Join`` of your own, listed first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_flatten, tree_map
+
+from syncbn.batchnorm import SyncBatchNorm
+
+
+def _empty(value: Any) -> Any:
+    """A tensor's batch of zero samples (same trailing shape, dtype, device, grad flag); else itself."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    return value.new_empty((0, *value.shape[1:])).requires_grad_(value.requires_grad)
+
+
+class SyncBatchNormJoinable(Joinable):
+    """The layer's Joinable for ``model`` (a DDP module or a plain one): records each step's input
+    shapes and the outputs its loss used, tells ``Join`` that this rank has not joined, and, once it
+    has, runs the model on an empty batch for each of its peers' steps (``_Shadow``)."""
+
+    def __init__(self, model: nn.Module, example: Any = None) -> None:
+        super().__init__()
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if ddp is not None and getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", False)):
+            raise ValueError("syncbn.join: the DDP module broadcasts its buffers before every forward, a collective "
+                             "its joined ranks cannot shadow before the layer's; build it with broadcast_buffers=False "
+                             "(forward_sync_buffers=False from torch 2.14): the layer's statistics are equal on every "
+                             "rank already")
+        self.model = model
+        self.network = ddp.module if ddp is not None else model
+        self.layers = [m for m in self.network.modules() if isinstance(m, SyncBatchNorm)]
+        self._process_group = ddp.process_group if ddp is not None else dist.group.WORLD
+        parameter = next(self.network.parameters(), None)
+        self._device = parameter.device if parameter is not None else torch.device("cpu")
+        self._step: tuple | None = None if example is None else _shapes_of(example if isinstance(example, tuple)
+                                                                           else (example,), {})
+        self._used: set[int] = set()  # which outputs of the last step a loss reached
+        self._last_used: set[int] = set()
+        self._shadowing = False  # a plain module's own hooks run in the shadow steps too: they skip them
+        self._groups = [layer.process_group for layer in self.layers]
+        self._twins = _twin_groups(self._groups)
+        for layer, group in zip(self.layers, self._groups):
+            layer.process_group = self._twins[_ranks(group)]
+        self._hooks = [model.register_forward_pre_hook(self._before_step, with_kwargs=True),
+                       model.register_forward_hook(self._after_step)]
+
+    def _before_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._shadowing:
+            return
+        if self._join_config.enable and not self._join_config.is_first_joinable:
+            raise RuntimeError("syncbn.joinable(model) must come first in Join's list of joinables: its hook runs "
+                               "the layers' collectives, which must not wait behind another joinable's")
+        self._step = _shapes_of(args, kwargs)
+        self._last_used, self._used = self._used, set()
+        Join.notify_join_context(self)
+
+    def _after_step(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._shadowing:
+            return
+        for index, tensor in enumerate(tree_flatten(output)[0]):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(lambda grad, index=index: self._used.add(index))
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        return _Shadow(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._device
+
+    @property
+    def join_process_group(self) -> dist.ProcessGroup:
+        return self._process_group
+
+    def shadow_step(self) -> None:
+        """One of the peers' steps, on an empty batch of this rank's last step's shape."""
+        if self._step is None:
+            raise RuntimeError(f"syncbn.join: rank {dist.get_rank()} ran no batch inside the join context and was "
+                               "given no example, so it cannot take part in its peers' steps; pass "
+                               "syncbn.join(model, example=one_batch)")
+        args, kwargs = tree_map(_empty, self._step)
+        # The outputs this rank's last step backpropagated through; having run none, every output.
+        used = self._used or self._last_used or None
+        self._shadowing = True
+        try:
+            outputs = tree_flatten(self.network(*args, **kwargs))[0]
+            roots = [t for i, t in enumerate(outputs)
+                     if (used is None or i in used) and isinstance(t, torch.Tensor) and t.requires_grad]
+            if roots:
+                torch.autograd.backward(roots, [torch.zeros_like(t) for t in roots])
+        finally:
+            self._shadowing = False
+
+    def close(self) -> None:
+        """The layers back on their own groups, the hooks removed, the twins dropped."""
+        for hook in self._hooks:
+            hook.remove()
+        for layer, group in zip(self.layers, self._groups):
+            layer.process_group = group
+        for twin in self._twins.values():
+            if isinstance(twin, dist.ProcessGroup):  # a rank outside a group holds a placeholder
+                dist.destroy_process_group(twin)
+        self._twins = {}
+
+
+def _shapes_of(args: tuple, kwargs: dict) -> tuple:
+    """A step's arguments with each tensor kept as an empty batch only (not the step's data)."""
+    return tree_map(_empty, (tuple(args), dict(kwargs)))
+
+
+class _Shadow(JoinHook):
+    def __init__(self, joinable: SyncBatchNormJoinable) -> None:
+        self.joinable = joinable
+
+    def main_hook(self) -> None:
+        self.joinable.shadow_step()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.joinable.close()
+
+
+def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    return tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+
+
+def _twin_groups(groups: list[dist.ProcessGroup | None]) -> dict[tuple[int, ...], dist.ProcessGroup]:
+    """A new group for each group any rank's layers use, made by every rank in the same order (torch
+    requires every rank to create every group): the ranks' lists are gathered first."""
+    mine = sorted({_ranks(group) for group in groups})
+    everyone: list[list[tuple[int, ...]]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    all_groups = sorted({ranks for listed in everyone for ranks in listed})
+    return {ranks: dist.new_group(list(ranks)) for ranks in all_groups}
+
+
+def joinable(model: nn.Module, example: Any = None) -> SyncBatchNormJoinable:
+    """The layer's Joinable, for a ``Join`` of your own: list it first, then ``model`` if it is a
+    DDP module, then any other joinables. Call on every rank (it makes the twin groups)."""
+    return SyncBatchNormJoinable(model, example)
+
+
+@contextlib.contextmanager
+def join(model: nn.Module, *joinables: Joinable, example: Any = None,
+         throw_on_early_termination: bool = False) -> Iterator[SyncBatchNormJoinable]:
+    """torch's ``Join`` over the layer's Joinable, ``model`` (if a DDP module) and ``joinables``."""
+    layer_joinable = joinable(model, example)
+    ddp = [model] if isinstance(model, DistributedDataParallel) else []
+    try:
+        with Join([layer_joinable, *ddp, *joinables], throw_on_early_termination=throw_on_early_termination):
+            yield layer_joinable
+    finally:
+        if layer_joinable._twins:  # an exception inside skips Join's post hooks
+            layer_joinable.close()

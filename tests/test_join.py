@@ -1,0 +1,140 @@
+"""syncbn.join: DDP ranks holding different numbers of batches (and of samples per batch) train to the
+end with no hang, each step normalized by the ranks still training, and end with the parameters and
+running statistics of one process that trains on what those ranks hold together (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+
+import syncbn
+from syncbn import SyncBatchNorm, convert_sync_batchnorm
+
+EXACT = dict(rtol=1e-10, atol=1e-10)
+
+
+class TwoHeads(nn.Module):
+    """A BatchNorm on the raw input (no input gradient, so no backward collective), one inside, and
+    a second head through a BatchNorm that the loss does not use (no backward there either)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.body(x)
+        return self.head(hidden), self.aux(hidden)
+
+
+def batch(rank: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(size, 5, generator=gen, dtype=torch.float64) * 2 + 1, torch.randint(0, 3, (size,), generator=gen)
+
+
+PLANS = {  # per rank, the sizes of its batches: different counts, different sizes, a rank with none
+    2: ((4, 3, 5), (2,)),
+    3: ((3, 3, 3, 3), (2, 5), ()),
+    4: ((2, 2), (3,), (1, 4, 2), (5,)),
+}
+
+
+def loss_of(outputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The second head counts in the loss only at 3 ranks, whose rank 2 runs no batch: a rank that saw
+    no loss backpropagates through every output (at 2 and 4 ranks the loss leaves it out)."""
+    logits, aux = outputs
+    return F.cross_entropy(logits, y) + (aux.square().mean() if world_size == 3 else 0)
+
+
+def train_joined_on_rank(plan: tuple, collective: str) -> dict:
+    rank = dist.get_rank()
+    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads(), collective=collective),
+                                    broadcast_buffers=False, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = [batch(rank, step, size) for step, size in enumerate(plan[rank])]
+    example = None if batches else batch(rank, 0, 1)[0]
+    with syncbn.join(model, example=example):
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss_of(model(x), y, len(plan)).backward()
+            optimizer.step()
+    groups = {type(layer.process_group).__name__ for layer in model.module.modules() if isinstance(layer, SyncBatchNorm)}
+    return dict(state=model.module.state_dict(), groups=groups)
+
+
+def reference(plan: tuple) -> dict:
+    """One process, plain BatchNorm: at step t the batches of the ranks that hold a t-th one,
+    concatenated; the loss each of those ranks computes, summed and divided by the initial world
+    size, as DDP's Join averages."""
+    model = TwoHeads()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(max(map(len, plan))):
+        active = [batch(rank, step, sizes[step]) for rank, sizes in enumerate(plan) if step < len(sizes)]
+        sizes = [len(y) for _, y in active]
+        outputs = zip(*(output.split(sizes) for output in model(torch.cat([x for x, _ in active]))))
+        optimizer.zero_grad()
+        losses = [loss_of(parts, y, len(plan)) for parts, (_, y) in zip(outputs, active)]
+        (sum(losses) / len(plan)).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_uneven_batches_under_join_finish_and_train_as_one_process_on_what_the_active_ranks_hold(gloo_group, world_size,
+                                                                                                  collective):
+    plan = PLANS[world_size]
+    expected = reference(plan)
+    ranks = gloo_group(world_size).run(train_joined_on_rank, plan, collective)
+    for rank, result in enumerate(ranks):
+        assert result["groups"] == {"NoneType"}, "the layers are back on their own group (WORLD: None)"
+        assert result["state"].keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(result["state"][name], value, **EXACT, msg=f"rank {rank} {name}")
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_that_broadcasts_its_buffers_is_refused_before_anything_starts(world_of_one):
+    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads()))
+    with pytest.raises(ValueError, match=r"^syncbn.join: the DDP module broadcasts its buffers before every forward, "
+                                         r"a collective its joined ranks cannot shadow before the layer's; build it "
+                                         r"with broadcast_buffers=False"):
+        with syncbn.join(model):
+            pass
+    assert all(layer.process_group is None for layer in model.module.modules() if isinstance(layer, SyncBatchNorm))
+
+
+def test_the_layers_joinable_listed_after_another_is_refused_at_the_first_step(world_of_one):
+    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads()), broadcast_buffers=False)
+    joinable = syncbn.joinable(model)
+    with pytest.raises(RuntimeError, match=r"^syncbn.joinable\(model\) must come first in Join's list of joinables"):
+        with Join([model, joinable]):
+            model(batch(0, 0, 4)[0])
+    joinable.close()
+
+
+def test_a_rank_that_ran_no_batch_and_has_no_example_says_so(world_of_one):
+    model = convert_sync_batchnorm(TwoHeads())
+    joinable = syncbn.joinable(model)
+    with pytest.raises(RuntimeError, match=r"^syncbn.join: rank 0 ran no batch inside the join context and was given "
+                                           r"no example, so it cannot take part in its peers' steps; pass "
+                                           r"syncbn.join\(model, example=one_batch\)$"):
+        joinable.shadow_step()
+    joinable.close()
+    assert all(layer.process_group is None for layer in model.modules() if isinstance(layer, SyncBatchNorm))
