@@ -45,12 +45,24 @@ class Run:
     rebuild_after: int | None = None  # rank 1 rebuilds its layer from its state_dict after this step
 
 
-def _layer(run: Run, dtype: torch.dtype) -> SyncBatchNorm:
-    layer = SyncBatchNorm(CHANNELS, momentum=run.momentum, collective=run.collective, dtype=dtype)
+def _with_parameters(layer: nn.Module) -> nn.Module:
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
         layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     return layer
+
+
+def _layer(run: Run, dtype: torch.dtype) -> nn.Module:
+    return _with_parameters(SyncBatchNorm(CHANNELS, momentum=run.momentum, collective=run.collective, dtype=dtype))
+
+
+def _record(out: dict, y: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> None:
+    """A step's output, input gradient and parameter gradients; the latter cleared for the next."""
+    out["y"].append(y.detach())
+    out["dx"].append(x.grad)
+    out["dw"].append(layer.weight.grad.clone())
+    out["db"].append(layer.bias.grad.clone())
+    layer.weight.grad = layer.bias.grad = None
 
 
 def _drop(layer: nn.Module, drop: str | None) -> None:
@@ -74,11 +86,7 @@ def steps_on_rank(run: Run) -> dict:
             y = layer(x)
             y.backward(dy_global[start].to(dtype))
         out["counts"].append(dict(counts))
-        out["y"].append(y.detach())
-        out["dx"].append(x.grad)
-        out["dw"].append(layer.weight.grad.clone())
-        out["db"].append(layer.bias.grad.clone())
-        layer.weight.grad = layer.bias.grad = None
+        _record(out, y, x, layer)
         if step == run.reset_after:
             layer.reset_running_stats()
         if step == run.rebuild_after and rank == 1:
@@ -89,11 +97,8 @@ def steps_on_rank(run: Run) -> dict:
     return out
 
 
-def _torch_layer(run: Run, rank: int) -> nn.BatchNorm1d:
-    layer = nn.BatchNorm1d(CHANNELS, momentum=run.momentum, dtype=torch.float64)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
-        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+def _torch_layer(run: Run, rank: int) -> nn.Module:
+    layer = _with_parameters(nn.BatchNorm1d(CHANNELS, momentum=run.momentum, dtype=torch.float64))
     layer.running_mean += run.running_shift[rank]
     _drop(layer, run.drop)
     return layer
@@ -113,12 +118,7 @@ def reference(run: Run, rank: int = 0, offset: float = 0.0) -> dict:
         x = (x_global - offset).requires_grad_()
         y = (moved if offset else layer)(x)
         y.backward(dy_global)
-        grads = moved if offset else layer
-        out["y"].append(y.detach())
-        out["dx"].append(x.grad)
-        out["dw"].append(grads.weight.grad.clone())
-        out["db"].append(grads.bias.grad.clone())
-        grads.weight.grad = grads.bias.grad = None
+        _record(out, y, x, moved if offset else layer)
         if step == run.reset_after:
             layer.reset_running_stats()
     out["running"] = [None if t is None else t.clone() for t in (layer.running_mean, layer.running_var)]
