@@ -100,11 +100,11 @@ class CostModel:
         return "all_reduce" if reduce < gather else "all_gather"
 
 
-# Fitted by ``python -m syncbn.bench --cases collective`` (docs/bench-collectives.json) on 2 cores
-# (AMD EPYC), Gloo over loopback, ranks at W = 2, 4, 8 (4 and 8 oversubscribed).
+# Fitted by ``python -m syncbn.bench --cases collective`` (docs/bench-collectives.json, commit 8bfbdc6)
+# on 2 cores (AMD EPYC), Gloo over loopback, ranks at W = 2, 4, 8 (4 and 8 oversubscribed).
 GLOO = CostModel(
-    all_gather=(Algorithm("ring_gather", alpha=613.6e-6, alpha_per_rank=228.2e-6, beta=10.80e-9),),
-    all_reduce=(Algorithm("ring_reduce", alpha=314.1e-6, alpha_per_rank=203.8e-6, beta=18.31e-9),),
+    all_gather=(Algorithm("ring_gather", alpha=314.09e-6, alpha_per_rank=265.88e-6, beta=5.112e-9),),
+    all_reduce=(Algorithm("ring_reduce", alpha=220.31e-6, alpha_per_rank=211.89e-6, beta=3.716e-9),),
 )
 
 
