@@ -10,8 +10,8 @@ torch's ``Join`` lets a rank that has joined shadow DDP's collectives, but nothi
 synchronized BatchNorm's, so its peers would wait for it forever (torch documents
 ``nn.SyncBatchNorm`` as unsupported there). Here a rank that has joined runs, each time its peers
 run a step, the model itself on an empty batch (its last batch's shape, no samples) and backward
-through the outputs its own last step's loss used: every SyncBatchNorm layer then issues exactly
-the collectives its peers issue, in their order (a branching model's, a second all-reduce round's
+through the outputs its own last step's loss used (in a thread, beside DDP's own join hook): every
+SyncBatchNorm layer then issues exactly the collectives its peers issue, in their order (a branching model's, a second all-reduce round's
 included: the same code decides), contributing no value, and updates its running statistics with
 the same numbers as they do. So each step's statistics are those of the ranks still training, the
 gradients follow DDP's rule (a joined rank contributes zeros, divided by the initial world size),
@@ -32,6 +32,7 @@ of, and backpropagates through every output of the model (it saw no loss to tell
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,14 +149,40 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
 
 
 class _Shadow(JoinHook):
+    """Each of the peers' steps in a thread of its own, so that DDP's join hook, which runs next, can
+    take part in the collectives its peers make on their own group before and after the layers'
+    (rebuilding the gradient buckets, before the forward; the buckets, after) while the thread takes
+    part in the layers'. A step's thread is waited for before the next, and at the end."""
+
     def __init__(self, joinable: SyncBatchNormJoinable) -> None:
         self.joinable = joinable
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.joinable.shadow_step()
+        except BaseException as error:  # raised in the main thread, by wait
+            self.error = error
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
     def main_hook(self) -> None:
-        self.joinable.shadow_step()
+        self.wait()
+        self.thread = threading.Thread(target=self._run, name="syncbn-join-shadow", daemon=True)
+        self.thread.start()
 
     def post_hook(self, is_last_joiner: bool) -> None:
-        self.joinable.close()
+        try:
+            self.wait()
+        finally:
+            self.joinable.close()
 
 
 def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:

@@ -20,14 +20,15 @@ EXACT = dict(rtol=1e-10, atol=1e-10)
 
 class TwoHeads(nn.Module):
     """A BatchNorm on the raw input (no input gradient, so no backward collective), one inside, and
-    a second head through a BatchNorm that the loss does not use (no backward there either)."""
+    a second output through a BatchNorm of no parameters, which the loss may leave out (then no
+    backward there either: DDP, without find_unused_parameters, does not make one)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.body = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU())
         self.head = nn.Linear(8, 3)
-        self.aux = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+        self.aux = nn.BatchNorm1d(8, affine=False)
         self.double()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def loss_of(outputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, world_s
 def train_joined_on_rank(plan: tuple, collective: str) -> dict:
     rank = dist.get_rank()
     model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads(), collective=collective),
-                                    broadcast_buffers=False, find_unused_parameters=True)
+                                    broadcast_buffers=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batches = [batch(rank, step, size) for step, size in enumerate(plan[rank])]
     example = None if batches else batch(rank, 0, 1)[0]
