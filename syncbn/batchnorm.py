@@ -52,6 +52,11 @@ def _check_input(layer: _BatchNorm, input: torch.Tensor) -> None:
     )
 
 
+def _check_collective(collective: str) -> None:
+    if collective not in COLLECTIVES:
+        raise ValueError(f"SyncBatchNorm collective must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
+
+
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics cover every rank of ``process_group`` (default: WORLD).
 
@@ -95,8 +100,7 @@ class SyncBatchNorm(_BatchNorm):
         # exists from torch 2.14 on, and only a torch that has it is passed it.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **({} if bias else {"bias": False}))
-        if collective not in COLLECTIVES:
-            raise ValueError(f"SyncBatchNorm collective must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
+        _check_collective(collective)
         self.collective = collective
         self.cost_model = resolve_model(cost_model)  # ``auto``'s; None: by the group's backend
         self.auto_choice: str | None = None  # what ``auto`` chose in the last training step
@@ -246,6 +250,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     The new layers hold the same parameter and buffer objects and the same train/eval mode.
     Containers are changed in place; the (possibly new) root is returned.
     """
+
+    _check_collective(collective)
+    cost_model = resolve_model(cost_model)  # refused here, even where no layer is converted
 
     def to_sync(layer: nn.Module, path: str) -> SyncBatchNorm | None:
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):

@@ -1,7 +1,7 @@
 """Uneven inputs: torch's ``Join`` with the layer's own ``Joinable``, so that DDP ranks that run out of
 batches take part in the synchronized BatchNorm steps of the ranks that have not.
 
-    with syncbn.join(ddp_model):              # or syncbn.join(ddp_model, optimizer, ...) with other Joinables
+    with syncbn.join(ddp_model):              # syncbn.join(ddp_model, zero_optimizer, ...): other Joinables too
         for x, y in loader:                    # ranks may hold different numbers of batches
             loss_fn(ddp_model(x), y).backward()
             optimizer.step(); optimizer.zero_grad()
@@ -20,18 +20,24 @@ and every rank ends with the same parameters (DDP's last-joiner broadcast) and r
 The layers' collectives move to a process group of their own (a twin of each group, with the same
 ranks) while the context is open, because a joined rank issues them in this Joinable's hook, not
 interleaved with DDP's gradient buckets as its peers do; the twins are made on every rank when the
-context opens and dropped when it closes. Requirements, checked when it opens: DDP without
-``broadcast_buffers`` (``forward_sync_buffers`` from torch 2.14; the layer's statistics are equal on
-every rank already: a broadcast before each forward would block the peers before the layer's
-collectives that the joined rank shadows); only training steps inside the context, as DDP's own
-Join assumes; a model that accepts an empty batch, as torch's layers do. A rank that runs no batch
-at all inside the context needs ``example``, one batch (its positional arguments) to take the shape
-of, and backpropagates through every output of the model (it saw no loss to tell which it uses). ``syncbn.joinable(model)`` gives the Joinable for a ``Join`` of your own, listed first.
+context opens and dropped when it closes. Requirements (docs/layer.md): DDP without
+``broadcast_buffers`` (``forward_sync_buffers`` from torch 2.14: a broadcast before each forward
+would block the peers before the layer's collectives), checked when the context opens; only
+training steps inside the context, as DDP's own Join assumes; a model that accepts an empty batch;
+every step with the same arguments beside the batch and the same outputs used by its loss (a
+joined rank repeats its own last step's), which the ranks check at the end by comparing their
+running statistics. A rank that runs no batch at all inside the context needs ``example``, one
+batch (its positional arguments) to take the shape of, and backpropagates through every output.
+A rank that cannot take part says why and ends its process, which fails its peers' collectives at
+once. ``syncbn.joinable(model)`` gives the Joinable for a ``Join`` of your own, listed first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -46,11 +52,20 @@ from torch.utils._pytree import tree_flatten, tree_map
 from syncbn.batchnorm import SyncBatchNorm
 
 
-def _empty(value: Any) -> Any:
-    """A tensor's batch of zero samples (same trailing shape, dtype, device, grad flag); else itself."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return value
-    return value.new_empty((0, *value.shape[1:])).requires_grad_(value.requires_grad)
+def _emptied(args: tuple, kwargs: dict) -> tuple:
+    """A step's arguments with each batch tensor as a batch of zero samples (same trailing shape,
+    dtype, device, grad flag). The batch is the first tensor argument's first dimension: tensors of
+    that length are per-sample and emptied; other tensors (a per-feature scale) and non-tensors are
+    kept as they are."""
+    leaves = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor) and leaf.dim()]
+    batch = leaves[0].size(0) if leaves else None
+
+    def empty(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.size(0) != batch:
+            return value
+        return value.new_empty((0, *value.shape[1:])).requires_grad_(value.requires_grad)
+
+    return tree_map(empty, (tuple(args), dict(kwargs)))
 
 
 class SyncBatchNormJoinable(Joinable):
@@ -72,8 +87,8 @@ class SyncBatchNormJoinable(Joinable):
         self._process_group = ddp.process_group if ddp is not None else dist.group.WORLD
         parameter = next(self.network.parameters(), None)
         self._device = parameter.device if parameter is not None else torch.device("cpu")
-        self._step: tuple | None = None if example is None else _shapes_of(example if isinstance(example, tuple)
-                                                                           else (example,), {})
+        self._step: tuple | None = None if example is None else _emptied(example if isinstance(example, tuple)
+                                                                         else (example,), {})
         self._used: set[int] = set()  # which outputs of the last step a loss reached
         self._last_used: set[int] = set()
         self._shadowing = False  # a plain module's own hooks run in the shadow steps too: they skip them
@@ -90,7 +105,7 @@ class SyncBatchNormJoinable(Joinable):
         if self._join_config.enable and not self._join_config.is_first_joinable:
             raise RuntimeError("syncbn.joinable(model) must come first in Join's list of joinables: its hook runs "
                                "the layers' collectives, which must not wait behind another joinable's")
-        self._step = _shapes_of(args, kwargs)
+        self._step = _emptied(args, kwargs)
         self._last_used, self._used = self._used, set()
         Join.notify_join_context(self)
 
@@ -118,7 +133,7 @@ class SyncBatchNormJoinable(Joinable):
             raise RuntimeError(f"syncbn.join: rank {dist.get_rank()} ran no batch inside the join context and was "
                                "given no example, so it cannot take part in its peers' steps; pass "
                                "syncbn.join(model, example=one_batch)")
-        args, kwargs = tree_map(_empty, self._step)
+        args, kwargs = self._step
         # The outputs this rank's last step backpropagated through; having run none, every output.
         used = self._used or self._last_used or None
         self._shadowing = True
@@ -131,21 +146,36 @@ class SyncBatchNormJoinable(Joinable):
         finally:
             self._shadowing = False
 
+    def check_statistics_agree(self) -> None:
+        """Every rank must end with its peers' running statistics: a joined rank that took other
+        steps than theirs (its last step's non-batch arguments or loss outputs were not theirs) would
+        not, and says so here, on every rank, rather than train on silently."""
+        digest = hashlib.sha256()
+        for layer in self.layers:
+            for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+                if buffer is not None:
+                    digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+        mine = torch.tensor([int.from_bytes(digest.digest()[:6], "big")], dtype=torch.float64, device=self._device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._process_group))]
+        dist.all_gather(everyone, mine, group=self._process_group)
+        if any(not torch.equal(theirs, everyone[0]) for theirs in everyone):
+            raise RuntimeError("syncbn.join: the ranks ended with different running statistics: a joined rank's steps "
+                               "were not its peers' (each joined rank repeats the arguments other than the batch, "
+                               "and the outputs its loss used, of its own last step; docs/layer.md)")
+
+    def drop_twins(self) -> None:
+        for twin in self._twins.values():
+            if isinstance(twin, dist.ProcessGroup):  # a rank outside a group holds a placeholder
+                dist.destroy_process_group(twin)
+        self._twins = {}
+
     def close(self) -> None:
         """The layers back on their own groups, the hooks removed, the twins dropped."""
         for hook in self._hooks:
             hook.remove()
         for layer, group in zip(self.layers, self._groups):
             layer.process_group = group
-        for twin in self._twins.values():
-            if isinstance(twin, dist.ProcessGroup):  # a rank outside a group holds a placeholder
-                dist.destroy_process_group(twin)
-        self._twins = {}
-
-
-def _shapes_of(args: tuple, kwargs: dict) -> tuple:
-    """A step's arguments with each tensor kept as an empty batch only (not the step's data)."""
-    return tree_map(_empty, (tuple(args), dict(kwargs)))
+        self.drop_twins()
 
 
 class _Shadow(JoinHook):
@@ -157,21 +187,22 @@ class _Shadow(JoinHook):
     def __init__(self, joinable: SyncBatchNormJoinable) -> None:
         self.joinable = joinable
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
     def _run(self) -> None:
         try:
             self.joinable.shadow_step()
-        except BaseException as error:  # raised in the main thread, by wait
-            self.error = error
+        except BaseException as error:
+            print(f"syncbn.join: rank {dist.get_rank()} could not take part in its peers' step, and ends: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            # Its peers wait for it in the layers' collectives, and the main thread in DDP's: only the
+            # end of this process closes its connections, which fails their collectives at once
+            # rather than at the process group's timeout (30 minutes by default).
+            os._exit(1)
 
     def wait(self) -> None:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
     def main_hook(self) -> None:
         self.wait()
@@ -181,6 +212,7 @@ class _Shadow(JoinHook):
     def post_hook(self, is_last_joiner: bool) -> None:
         try:
             self.wait()
+            self.joinable.check_statistics_agree()
         finally:
             self.joinable.close()
 

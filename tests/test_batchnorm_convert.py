@@ -150,3 +150,10 @@ def test_a_lazy_batchnorm_is_refused_by_name_until_it_has_seen_an_input_then_con
     model[1](torch.randn(sample))
     converted = convert_sync_batchnorm(model)[1][0]
     assert isinstance(converted, SyncBatchNorm) and converted.num_features == 4 and converted.running_mean.shape == (4,)
+
+
+@pytest.mark.parametrize("arguments", [dict(collective="allreduce"), dict(cost_model="bogus")])
+def test_convert_refuses_a_collective_or_cost_model_the_layer_cannot_take_even_with_nothing_to_convert(arguments):
+    for model in (nn.Linear(2, 2), nn.BatchNorm1d(2)):
+        with pytest.raises(ValueError, match="^SyncBatchNorm (collective|cost_model) must be "):
+            convert_sync_batchnorm(model, **arguments)

@@ -4,12 +4,15 @@ running statistics of one process that trains on what those ranks hold together 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.algorithms.join import Join
+from gloo import GlooGroup, RankError
 from torch.nn.parallel import DistributedDataParallel
 
 import syncbn
@@ -139,3 +142,94 @@ def test_a_rank_that_ran_no_batch_and_has_no_example_says_so(world_of_one):
         joinable.shadow_step()
     joinable.close()
     assert all(layer.process_group is None for layer in model.modules() if isinstance(layer, SyncBatchNorm))
+
+
+class Scaled(nn.Module):
+    """Arguments beside the batch: a per-feature tensor (not a batch, though a tensor) and a flag,
+    the same at every step; or, with ``branchy``, a branch chosen per step by a non-tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear, self.first, self.second = nn.Linear(5, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+        self.double()
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, branch: int = 0) -> torch.Tensor:
+        return (self.first if branch == 0 else self.second)(self.linear(x * scale))
+
+
+SCALE = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
+
+
+def scaled_on_rank(plan: tuple, branchy: bool) -> dict:
+    rank = dist.get_rank()
+    model = DistributedDataParallel(convert_sync_batchnorm(Scaled()), broadcast_buffers=False,
+                                    find_unused_parameters=True)  # one of the two norms is left out
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    try:
+        with syncbn.join(model):
+            for step, size in enumerate(plan[rank]):
+                x, y = batch(rank, step, size)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x, SCALE, step % 2 if branchy else 0), y).backward()
+                optimizer.step()
+    except RuntimeError as error:
+        return dict(error=str(error))
+    return dict(state=model.module.state_dict())
+
+
+def test_arguments_beside_the_batch_are_passed_as_they_were_and_the_run_is_one_processs(gloo_group):
+    """The per-feature tensor is not emptied (its length is not the batch's), the flag is kept."""
+    plan = ((4, 3, 5), (2,))
+    model, optimizer = Scaled(), None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        active = [batch(rank, step, sizes[step]) for rank, sizes in enumerate(plan) if step < len(sizes)]
+        logits = model(torch.cat([x for x, _ in active]), SCALE)
+        optimizer.zero_grad()
+        parts = logits.split([len(y) for _, y in active])
+        (sum(F.cross_entropy(part, y) for part, (_, y) in zip(parts, active)) / 2).backward()
+        optimizer.step()
+    for result in gloo_group(2).run(scaled_on_rank, plan, False):
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(result["state"][name], value, **EXACT, msg=name)
+
+
+def test_a_joined_rank_whose_steps_differ_from_its_peers_is_an_error_on_every_rank_not_silent(gloo_group):
+    """A branch chosen per step by a non-tensor argument: the joined rank repeats its own last one,
+    so its statistics go elsewhere than its peers'. Every rank ends with the error, naming why."""
+    for result in gloo_group(2).run(scaled_on_rank, ((4, 3, 5, 2), (2,)), True):
+        assert result["error"].startswith("syncbn.join: the ranks ended with different running statistics: a joined "
+                                          "rank's steps were not its peers'")
+
+
+def no_example_on_rank() -> tuple[str, float]:
+    rank = dist.get_rank()
+    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads()), broadcast_buffers=False)
+    start = time.monotonic()
+    try:
+        with syncbn.join(model):
+            for step in range(3 if rank == 0 else 0):
+                model(batch(rank, step, 4)[0])[0].sum().backward()
+    except RuntimeError as error:
+        return str(error), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+@pytest.mark.processes
+def test_a_joined_rank_that_cannot_take_part_says_why_and_its_peers_fail_at_once_not_at_the_timeout(capfd):
+    """Rank 1 runs no batch and has no example: it says why and ends its process, and rank 0, waiting
+    in the layer's collective, fails at once ("Connection closed by peer") where it would wait the
+    process group's timeout (60 s here)."""
+    group = GlooGroup(2, call_timeout_s=90, collective_timeout_s=60)
+    group.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankError, match="rank 1 died during no_example_on_rank"):
+            group.run(no_example_on_rank)
+        elapsed = time.monotonic() - start
+    finally:
+        group.close()
+    assert "syncbn.join: rank 1 could not take part in its peers' step, and ends: RuntimeError: syncbn.join: rank 1 " \
+           "ran no batch inside the join context and was given no example" in capfd.readouterr().err
+    assert elapsed < 30, f"rank 0 waited {elapsed:.0f} s: its collective was not failed by rank 1's end"
