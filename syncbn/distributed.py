@@ -164,6 +164,13 @@ def skip_teardown_at_exit() -> None:
 def exit_now(status: int = 0) -> NoReturn:
     """Leave at once, skipping the interpreter's teardown (see ``skip_teardown_at_exit``)."""
     stop_rank_server()
+    leave(status)
+
+
+def leave(status: int) -> NoReturn:
+    """A rank's way out while its launcher lives on: logs and streams flushed, then ``os._exit``,
+    touching nothing the launcher owns (its rank server, and the temporary directory of its socket,
+    which a forked rank's ``stop_rank_server`` would remove under it)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

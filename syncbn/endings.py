@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from syncbn import distributed, slurm
 from syncbn.errors import ConfigError
-from syncbn.training import checkpoint
+from syncbn.training import checkpoint, stopping
 from syncbn.training.checkpoint import CheckpointError
 from syncbn.training.data import DataError
 
@@ -50,6 +50,8 @@ def interrupting_signal(error: BaseException) -> signal.Signals | None:
         _, failure = error.get_first_failure()
         if -failure.exitcode in EXIT_STATUS:
             return signal.Signals(-failure.exitcode)
+        if failure.exitcode == EXIT_STATUS[signal.SIGTERM]:  # a rank that stopped at a step on SIGTERM
+            return signal.SIGTERM
     return None
 
 
@@ -63,11 +65,25 @@ def where_training_stopped(run_dir: Path | None, resume: str) -> str:
     return f"at epoch {progress['epoch']}, step {progress['step']} (the last checkpoint); {resume}"
 
 
+def stopped_line(stop: stopping.StopRequested, run_dir: Path, resume: str) -> str:
+    """A stop at a step boundary (``syncbn.training.stopping``): its checkpoint is the last one."""
+    if stop.signum == signal.SIGUSR1:
+        where = where_training_stopped(run_dir, resume).replace("; ", "; launch/slurm.sbatch requeues the job, or ", 1)
+        return f"stopped by SIGUSR1 (SLURM's warning before the time limit) {where}"
+    return f"interrupted by {signal.Signals(stop.signum).name} {where_training_stopped(run_dir, resume)}"
+
+
 @contextlib.contextmanager
 def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Iterator[None]:
-    """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143."""
+    """Ctrl-C or SIGTERM: every rank is stopped (the launcher's job), then one line and 130 / 143.
+    A rank that stopped at a step boundary ends with its signal's status: silently where an agent
+    started it (the agent's process reports), else with the line from rank 0."""
     try:
         yield
+    except stopping.StopRequested as stop:  # rank 0 has said so, where no agent reports for it
+        if os.environ.get("SYNCBN_DEBUG") == "1":
+            raise
+        distributed.leave(stop.status)
     except (KeyboardInterrupt, SignalException, ChildFailedError) as error:
         received = interrupting_signal(error)
         if received is None or os.environ.get("SYNCBN_DEBUG") == "1":

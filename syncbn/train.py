@@ -42,11 +42,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from syncbn import distributed, slurm
-from syncbn.endings import (KNOWN_FAILURES, interrupts_in_one_line, one_line_errors, raise_on_sigterm,
+from syncbn.endings import (KNOWN_FAILURES, interrupts_in_one_line, one_line_errors, raise_on_sigterm, stopped_line,
                             ranks_die_on_interrupt)
 from syncbn.errors import ConfigError
 from syncbn.experiments import batch_size, study_plan, weight_scale
-from syncbn.training import checkpoint, data, loop, models, tracking
+from syncbn.training import checkpoint, data, loop, models, stopping, tracking
 from syncbn.training.config import Config, is_sweep, register, to_config, validate
 from syncbn.training.resume import nothing_to_resume
 
@@ -63,6 +63,7 @@ def run_rank(config: Config, run_dir: Path) -> list[dict]:
 def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     """A rank started by ``launch_local``: a fresh process, so set up its logging first."""
     ranks_die_on_interrupt()
+    stopping.listen((signal.SIGTERM,))  # the launcher passes its SIGTERM on: stop at the next step
     if int(os.environ["RANK"]) == 0:
         logging.basicConfig(
             level=logging.INFO,
@@ -73,6 +74,8 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
     try:
         with checkpoint.claim(run_dir, checkpoint.RANK_LOCK) if int(os.environ["RANK"]) == 0 else contextlib.nullcontext():
             history = run_rank(config, run_dir)
+    except stopping.StopRequested as stop:  # checkpointed at the step: the launcher reports
+        distributed.leave(stop.status)
     except BaseException:
         distributed.leave_after_the_launcher_looks()
         raise
@@ -159,6 +162,8 @@ def train(config: Config, world_size: int, run_dir: Path) -> None:
         log.info("CPU simulation: %d ranks through the elastic launcher, output in %s", world_size, run_dir)
         distributed.launch_local(run_simulated_rank, (config, run_dir), world_size, config.dist.max_restarts)
     else:
+        if not distributed.launched():  # this process is the rank: SIGTERM stops it at the next step
+            stopping.listen((signal.SIGTERM,))
         run_rank(config, run_dir)
 
 
@@ -238,9 +243,17 @@ def main(cfg: DictConfig) -> None:
                     job.run_dir.mkdir(exist_ok=True)
                     job.describe(job.run_dir)
                 with interrupts_in_one_line(job.run_dir, how_to_resume(run_dir)):
+                    announce_stops(job.run_dir, how_to_resume(run_dir))
                     train(job.config, job.world_size, job.run_dir)
             if summarize is not None and owns_run_dir():
                 summarize(run_dir)
+
+
+def announce_stops(run_dir: Path, resume: str) -> None:
+    """Where this process is a rank that no agent reports for (an srun task, a run of one process),
+    its rank 0 says where the run stopped on a stop signal; under an agent, the agent's process."""
+    agent = distributed.launched() and not slurm.is_task()
+    stopping.announce_with(None if agent else lambda stop: stopped_line(stop, run_dir, resume))
 
 
 def how_to_resume(run_dir: Path) -> str:
@@ -288,8 +301,10 @@ def take_place_among_ranks() -> None:
     os.environ.update(slurm_task)
     if distributed.launched():
         ranks_die_on_interrupt()
-    if not distributed.launched() or slurm_task.get("RANK") == "0":
-        # scancel signals every task and no agent reports it: rank 0 says where training stopped
+        # SIGTERM (a preemption, scancel, an agent passing its own on) stops every rank at the next
+        # step, checkpointed; SLURM's warning before the time limit too, and the job requeues itself.
+        stopping.listen((signal.SIGTERM, signal.SIGUSR1) if slurm.is_task() else (signal.SIGTERM,))
+    else:  # the launcher of the CPU simulation, or the run itself: until training starts
         signal.signal(signal.SIGTERM, raise_on_sigterm)
     if int(os.environ.get("RANK", 0)) > 0:
         # torchrun starts every rank with the same command line: only rank 0 writes Hydra's files.

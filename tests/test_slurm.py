@@ -80,16 +80,17 @@ def test_only_a_task_srun_started_and_no_agent_numbered_is_translated(environ):
 
 # The real cluster.
 
-def submit(cluster, run_dir: Path, *overrides: str, wait: bool = True) -> str:
+def submit(cluster, run_dir: Path, *overrides: str, wait: bool = True, flags: tuple[str, ...] = (),
+           timeout: float = 180) -> str:
     """``sbatch launch/slurm.sbatch`` with the run directory pinned, as a user submits it from the
     repository with the environment active; waits for the job's end unless told not to. Its ID."""
-    flags = ["--parsable", f"--output={run_dir}.out", f"--chdir={ROOT}"]
-    done = cluster.run("sbatch", *flags, "launch/slurm.sbatch", *SMALL, *overrides,
+    options = ["--parsable", f"--output={run_dir}.out", f"--chdir={ROOT}", *flags]
+    done = cluster.run("sbatch", *options, "launch/slurm.sbatch", *SMALL, *overrides,
                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", SYNCBN_RUN_DIR=str(run_dir))
     assert done.stdout.strip(), done.stderr
     job = done.stdout.strip().split(";")[0]
     if wait:  # sbatch --wait polls at growing intervals (seconds): this polls the job itself
-        cluster.wait_for(job, ENDED)
+        cluster.wait_for(job, ENDED, timeout=timeout)
     return job
 
 
@@ -103,6 +104,17 @@ def simulated(run_dir: Path, *overrides: str) -> list[dict]:
 def three_epochs(tmp_path_factory) -> list[dict]:
     """The metrics of 3 epochs on two simulated ranks, the reference of the jobs below."""
     return simulated(tmp_path_factory.mktemp("simulated") / "run", "train.epochs=3")
+
+
+@pytest.fixture(scope="module")
+def sixty_epochs(tmp_path_factory) -> list[dict]:
+    return simulated(tmp_path_factory.mktemp("simulated") / "run", "train.epochs=60")
+
+
+@pytest.fixture(scope="module")
+def twenty_epochs(tmp_path_factory) -> list[dict]:
+    """The metrics of 20 epochs on two simulated ranks, uninterrupted."""
+    return simulated(tmp_path_factory.mktemp("simulated") / "run", "train.epochs=20")
 
 
 def test_two_srun_tasks_train_as_two_simulated_ranks_bit_for_bit(cluster, tmp_path, three_epochs):
@@ -134,7 +146,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_exactly(cluster, tmp_path, t
     assert strip(read_metrics(tmp_path / "job")) == three_epochs
 
 
-def test_scancel_ends_every_rank_and_leaves_a_checkpoint_that_resumes_exactly(cluster, tmp_path):
+def test_scancel_ends_every_rank_and_leaves_a_checkpoint_that_resumes_exactly(cluster, tmp_path, twenty_epochs):
     run_dir = tmp_path / "job"
     job = submit(cluster, run_dir, "train.epochs=20", wait=False)
     deadline = time.monotonic() + 120
@@ -154,7 +166,114 @@ def test_scancel_ends_every_rank_and_leaves_a_checkpoint_that_resumes_exactly(cl
                         rf"resumes from {re.escape(str(run_dir))}", line)
     resumed = submit(cluster, run_dir, "train.epochs=20")
     assert cluster.state(resumed) == "COMPLETED" and "resumed from" in Path(f"{run_dir}.out").read_text()
-    assert strip(read_metrics(run_dir)) == simulated(tmp_path / "uninterrupted", "train.epochs=20")
+    assert strip(read_metrics(run_dir)) == twenty_epochs
+
+
+def started(cluster, run_dir: Path, *overrides: str, flags: tuple[str, ...] = ()) -> str:
+    """A job of 20 epochs (unless told otherwise) submitted, once its first checkpoint is written: its ID."""
+    job = submit(cluster, run_dir, "train.epochs=20", *overrides, wait=False, flags=flags)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and cluster.state(job) in {"PENDING", "RUNNING"}, cluster.state(job)
+        time.sleep(0.05)
+    return job
+
+
+def stops(log: str) -> list[tuple[str, int, int]]:
+    """Each stop the ranks agreed on, (signal, epoch, step), from the job's log."""
+    return [(m[1], int(m[2]), int(m[3])) for m in
+            re.finditer(r"stopping on (\w+): checkpoint written at epoch (\d+), step (\d+), [\d.]+ s after", log)]
+
+
+def resumes(log: str) -> list[tuple[int, int]]:
+    return [(int(m[1]), int(m[2])) for m in re.finditer(r"resumed from \S+: epoch (\d+), step (\d+)", log)]
+
+
+def restarts(cluster, job: str) -> int:
+    return int(cluster.run("scontrol", "show", "job", "-o", job).stdout.split("Restarts=", 1)[1].split()[0])
+
+
+def test_the_time_limit_warning_checkpoints_at_the_next_step_and_the_job_requeues_itself_exactly(cluster, tmp_path,
+                                                                                               twenty_epochs):
+    """SIGUSR1 to every task (what --signal sends before the limit): the ranks stop after the same
+    step, rank 0 checkpoints there, the batch script requeues the job, which resumes from that step
+    (mid-epoch: nothing since it is lost) and ends as the uninterrupted run, bit for bit. The log
+    keeps every attempt (--open-mode=append)."""
+    run_dir = tmp_path / "job"
+    job = started(cluster, run_dir)
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    assert cluster.wait_for(job, ENDED) == "COMPLETED"
+    log = Path(f"{run_dir}.out").read_text()
+    [(name, epoch, step)] = stops(log)
+    assert name == "SIGUSR1" and resumes(log) == [(epoch, step)] and restarts(cluster, job) == 1
+    ours = [line for line in log.splitlines() if line.startswith("syncbn")]
+    assert ours == [
+        f"syncbn.train: stopped by SIGUSR1 (SLURM's warning before the time limit) at epoch {epoch}, step {step} (the "
+        f"last checkpoint); launch/slurm.sbatch requeues the job, or scontrol requeue {job}, or sbatch with "
+        f"SYNCBN_RUN_DIR={run_dir}, resumes from {run_dir}",
+        f"syncbn: job {job} asks to be requeued after attempt 1, to resume from {run_dir}"]
+    assert not (run_dir / "requeue").exists()
+    assert strip(read_metrics(run_dir)) == twenty_epochs
+
+
+def trained_an_epoch_since_resuming(cluster, job: str, run_dir: Path, log: Path) -> bool:
+    resumed = resumes(log.read_text())
+    return bool(resumed) and cluster.state(job) == "RUNNING" and len(read_metrics(run_dir)) > resumed[-1][0]
+
+
+def test_a_job_preempted_twice_finishes_exactly(cluster, tmp_path, sixty_epochs):
+    """A preemption's SIGTERM (scontrol requeue sends it, then requeues the job), twice, each time
+    once the attempt has trained an epoch: the ranks checkpoint at the next step and the job resumes
+    there, and ends as the uninterrupted run, bit for bit."""
+    run_dir, log = tmp_path / "job", Path(f"{tmp_path / 'job'}.out")
+    job = started(cluster, run_dir, "train.epochs=60")
+    for attempt in (1, 2):
+        deadline = time.monotonic() + 120
+        while attempt == 2 and not trained_an_epoch_since_resuming(cluster, job, run_dir, log):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        assert cluster.run("scontrol", "requeue", job).returncode == 0
+        while len(stops(log.read_text())) < attempt:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+    assert cluster.wait_for(job, ENDED) == "COMPLETED"
+    text = log.read_text()
+    assert [(epoch, step) for _, epoch, step in stops(text)] == resumes(text) and len(resumes(text)) == 2
+    assert {name for name, _, _ in stops(text)} == {"SIGTERM"} and restarts(cluster, job) == 2
+    assert strip(read_metrics(run_dir)) == sixty_epochs
+
+
+def test_a_job_that_cannot_requeue_itself_says_so_and_leaves_a_resumable_directory(cluster, tmp_path, twenty_epochs):
+    """--no-requeue: the script says why in one line and exits 75 (EX_TEMPFAIL); the directory's
+    checkpoint is the stop's, from which a new submission finishes exactly."""
+    run_dir = tmp_path / "job"
+    job = started(cluster, run_dir, flags=("--no-requeue",))
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    assert cluster.wait_for(job, ENDED) == "FAILED"
+    shown = cluster.run("scontrol", "show", "job", "-o", job).stdout
+    assert "ExitCode=75:0" in shown
+    last = Path(f"{run_dir}.out").read_text().splitlines()[-1]
+    assert last == (f"syncbn: job {job} could not requeue itself (Requested operation is presently disabled for job "
+                    f"{job}); sbatch with SYNCBN_RUN_DIR={run_dir} resumes it")
+    [(_, epoch, step)] = stops(Path(f"{run_dir}.out").read_text())
+    resumed = submit(cluster, run_dir, "train.epochs=20")
+    assert cluster.state(resumed) == "COMPLETED"
+    assert resumes(Path(f"{run_dir}.out").read_text()) == [(epoch, step)]
+    assert strip(read_metrics(run_dir)) == twenty_epochs
+
+
+@pytest.mark.large
+def test_a_job_longer_than_its_time_limit_finishes_through_self_requeue_exactly(cluster, tmp_path):
+    """--time=1 (a minute) for a run of about two: SLURM's own warning, 45 s before the limit (give
+    or take its 60 s resolution), each attempt; every attempt resumes where the last one stopped, and
+    the job ends as the uninterrupted run, bit for bit (about 2 minutes)."""
+    run_dir = tmp_path / "job"
+    long = ("train.epochs=1200",)
+    job = submit(cluster, run_dir, *long, flags=("--time=1", "--signal=USR1@45"), timeout=900)
+    assert cluster.state(job) == "COMPLETED"
+    log = Path(f"{run_dir}.out").read_text()
+    assert len(stops(log)) >= 1 and [(e, s) for _, e, s in stops(log)] == resumes(log)
+    assert strip(read_metrics(run_dir)) == simulated(tmp_path / "uninterrupted", *long)
 
 
 def ranks_of(run_dir: Path) -> list[str]:

@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
 from syncbn.errors import ConfigError
-from syncbn.training import checkpoint, data, tracking
+from syncbn.training import checkpoint, data, stopping, tracking
 from syncbn.training.config import Config, FaultConfig, OptimConfig, TrainConfig, members
 from syncbn.training.evaluation import evaluate, member_logits
 from syncbn.training.members import build_network
@@ -132,7 +132,7 @@ class Training:
     """One rank's run: built from config, resumable from the run directory's checkpoint."""
 
     def __init__(self, config: Config, ctx: DistContext, run_dir: Path | None):
-        self.config, self.ctx = config, ctx
+        self.config, self.ctx, self.run_dir = config, ctx, run_dir
         torch.manual_seed(config.seed)
         self.members = members(config)
         self.train_set, self.test_set = data.load(config.data)
@@ -161,6 +161,7 @@ class Training:
         # continues instead of killing the same rank at the same step again.
         self.kill_at_step = fault_step(config.fault, ctx.rank) if self.progress.global_step == 0 else None
         self.frozen = FrozenMembers(self.model.module, self.progress.diverged, len(self.members))
+        self.stop_vote = stopping.StopVote(ctx)
         self.logs = [MetricsLog(run_dir, ctx, self.progress.history),
                      *tracking.open_logs(run_dir, ctx, config, self.progress.epoch)]
 
@@ -188,6 +189,7 @@ class Training:
         totals = self._epoch_totals()
         images_all, labels_all = self.train_set.tensors
         for index in self.batches.epoch(progress.epoch)[progress.step :]:
+            self.stop_vote.start()
             images = images_all[index].to(self.ctx.device, self.dtype, non_blocking=True)
             labels = labels_all[index].to(self.ctx.device, non_blocking=True)
             with self.autocast():
@@ -202,8 +204,13 @@ class Training:
             totals += torch.cat([loss_sums.detach().double(), totals.new_tensor([labels.numel()])])
             progress.step += 1
             progress.global_step += 1
-            if every and progress.global_step % every == 0:
+            checkpointed = bool(every) and progress.global_step % every == 0
+            if checkpointed:
                 totals = self._checkpoint_mid_epoch(totals)
+            if signum := self.stop_vote.result():  # the ranks agreed: this step's checkpoint, then stop
+                if not checkpointed:
+                    self._checkpoint_mid_epoch(totals)
+                stopping.stop(signum, self.ctx, progress.epoch, progress.step, self.run_dir)
             if progress.global_step == self.kill_at_step:
                 log.warning("fault injection: killing rank %d after step %d", self.ctx.rank, progress.global_step)
                 os.kill(os.getpid(), signal.SIGKILL)
