@@ -1,8 +1,9 @@
 """Experiment tracking beside ``metrics.jsonl``: ``logger=tensorboard`` writes TensorBoard event files
 into the run directory's ``tensorboard/``, from rank 0 (``tensorboard --logdir outputs/``).
 
-Each member's curves are tagged by its name (norm, slice, weight scale, seed), one point per epoch;
-the epoch's wall time once per epoch; the config as text. A resumed run hides what its killed
+Each member's curves are tagged by its name (norm, slice, weight scale, seed), one point per epoch,
+and whether it diverged (1 at the epoch it did, where its loss, no longer finite, is left out); the
+epoch's wall time once per epoch; the config as text. A resumed run hides what its killed
 attempt wrote past the checkpoint it resumes from (TensorBoard's purge), so every epoch shows once.
 """
 
@@ -47,7 +48,9 @@ class TensorBoardLog:
     def append(self, records: list[dict]) -> None:
         for record in records:
             for curve in CURVES:
-                self.writer.add_scalar(f"{member_tag(record)}/{curve}", record[curve], record["epoch"])
+                if record[curve] is not None:  # a diverged member's loss: none to plot, its accuracies still
+                    self.writer.add_scalar(f"{member_tag(record)}/{curve}", record[curve], record["epoch"])
+            self.writer.add_scalar(f"{member_tag(record)}/diverged", float(record["diverged"]), record["epoch"])
         if records:
             self.writer.add_scalar("time/epoch_seconds", records[0]["seconds"], records[0]["epoch"])
         self.writer.flush()  # ranks leave by os._exit: nothing is left to a writer thread at exit

@@ -15,8 +15,8 @@ from syncbn.errors import ConfigError
 from syncbn.training import checkpoint, tracking
 from syncbn.training.config import LoggerConfig
 
-SWEEP = ["+experiment=weight_scale_sweep", "sweep.weight_scales=[1.0,0.01]", "train.epochs=3", "data.train_size=200",
-         "model.hidden=[20]"]
+SWEEP = ["+experiment=weight_scale_sweep", "sweep.weight_scales=[10.0,0.01]", "train.epochs=3",
+         "data.train_size=200"]  # without a norm, the 5 x 100 MLP at scale 10 overflows in epoch 1
 
 
 def events(run_dir) -> EventAccumulator:
@@ -34,8 +34,11 @@ def expected_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     expected = {}
     for record in records:
         for curve in tracking.CURVES:
-            expected.setdefault(f"{tracking.member_tag(record)}/{curve}", []).append(
-                (record["epoch"], float(np.float32(record[curve]))))
+            if record[curve] is not None:
+                expected.setdefault(f"{tracking.member_tag(record)}/{curve}", []).append(
+                    (record["epoch"], float(np.float32(record[curve]))))
+        expected.setdefault(f"{tracking.member_tag(record)}/diverged", []).append(
+            (record["epoch"], float(record["diverged"])))
     for record in records:
         expected.setdefault("time/epoch_seconds", [])
         if (record["epoch"], float(np.float32(record["seconds"]))) not in expected["time/epoch_seconds"]:
@@ -50,17 +53,22 @@ def sweep_run(tmp_path_factory):
     return run_dir
 
 
-def test_every_members_curves_are_the_metrics_of_each_epoch(sweep_run):
+def test_every_members_curves_are_the_metrics_of_each_epoch_a_diverged_ones_without_its_loss(sweep_run):
     records = read_metrics(sweep_run)
     assert {tracking.member_tag(r) for r in records} == {
-        "syncbn_scale_1_seed_0", "syncbn_scale_0.01_seed_0", "none_scale_1_seed_0", "none_scale_0.01_seed_0"}
-    assert curves(events(sweep_run)) == expected_curves(records)
+        "syncbn_scale_10_seed_0", "syncbn_scale_0.01_seed_0", "none_scale_10_seed_0", "none_scale_0.01_seed_0"}
+    [diverged] = [r for r in records if r["diverged"]]
+    assert (tracking.member_tag(diverged), diverged["epoch"], diverged["train_loss"]) == ("none_scale_10_seed_0", 1, None)
+    found = curves(events(sweep_run))
+    assert found["none_scale_10_seed_0/diverged"] == [(1, 1.0)] and "none_scale_10_seed_0/train_loss" not in found
+    assert found["none_scale_10_seed_0/test_acc"] == [(1, float(np.float32(diverged["test_acc"])))]
+    assert found == expected_curves(records)
 
 
 def test_the_config_is_written_as_text(sweep_run):
     [text] = events(sweep_run).Tensors("config/text_summary")
     written = text.tensor_proto.string_val[0].decode()
-    assert "weight_scales:\n  - 1.0\n  - 0.01" in written and "logger:\n  name: tensorboard" in written
+    assert "weight_scales:\n  - 10.0\n  - 0.01" in written and "logger:\n  name: tensorboard" in written
 
 
 def test_a_run_resumed_from_an_older_checkpoint_shows_each_epoch_once_with_its_new_values(tmp_path):
@@ -72,7 +80,7 @@ def test_a_run_resumed_from_an_older_checkpoint_shows_each_epoch_once_with_its_n
     (run_dir / checkpoint.LATEST).unlink()
     run([*command, "train.epochs=4"])
     records = read_metrics(run_dir)
-    assert [r["epoch"] for r in records] == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    assert [r["epoch"] for r in records] == [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4], "the diverged member stops at 1"
     assert curves(events(run_dir)) == expected_curves(records)
     assert len(events(run_dir).Tensors("config/text_summary")) == 1, "the config once, not again per attempt"
 
