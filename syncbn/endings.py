@@ -83,6 +83,9 @@ def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Ite
     except stopping.StopRequested as stop:  # rank 0 has said so, where no agent reports for it
         if os.environ.get("SYNCBN_DEBUG") == "1":
             raise
+        requeue = stopping.requeuer(stop.signum)
+        if requeue is not None and int(os.environ.get("RANK", 0)) == 0:
+            requeue(stop.signum, None)  # submitit's protocol: the job's checkpoint, a requeue, the end
         distributed.leave(stop.status)
     except (KeyboardInterrupt, SignalException, ChildFailedError) as error:
         received = interrupting_signal(error)
@@ -94,7 +97,9 @@ def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Ite
 
 def describe(error: BaseException) -> str:
     """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
-    rank's own message, or ours."""
+    rank's own message, a failed submitit job's, or ours."""
+    if (job := describe_failed_job(error)) is not None:
+        return job
     if isinstance(error, ChildFailedError):
         rank, failure = distributed.first_failure(error)
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
@@ -106,6 +111,24 @@ def describe(error: BaseException) -> str:
     lines = [line.strip() for part in parts for line in part.splitlines()]
     lines = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines))
     return " ".join(line for line in lines if line and not line.startswith(("reference_type", "object_type")))
+
+
+class JobFailed(RuntimeError):
+    """A job of a submitit multirun failed; its message is the job's one line."""
+
+
+def describe_failed_job(error: BaseException) -> str | None:
+    """The one line of a submitit job that failed (submitit's FailedJobError carries the job's
+    traceback, whose last line is the ``JobFailed`` raised there), or None for anything else."""
+    if isinstance(error, JobFailed):  # handed back by Hydra's submitit launcher as the job's result
+        found = str(error)
+    elif type(error).__name__ == "FailedJobError":  # submitit's, for a job that ended otherwise
+        lines = [line.removeprefix(f"{__name__}.JobFailed: ") for line in str(error).splitlines()
+                 if line.startswith(f"{__name__}.JobFailed: ")]
+        found = lines[-1] if lines else str(error).strip().splitlines()[0]
+    else:
+        return None
+    return f"a job of the multirun failed: {found.removeprefix('syncbn.train: error: ')}"
 
 
 # OSError: a run directory that cannot be made or written (Hydra makes it before the app runs).
@@ -130,9 +153,12 @@ def one_line_errors() -> Iterator[None]:
             # died is ended during this wait, silently (srun names the task that failed first)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             distributed.leave_after_the_launcher_looks()
-        if not isinstance(error, KNOWN_FAILURES):
+        if not isinstance(error, KNOWN_FAILURES) and describe_failed_job(error) is None:
             raise
-        print(f"syncbn.train: error: {describe(error)}", file=sys.stderr)
+        line = f"syncbn.train: error: {describe(error)}"
+        print(line, file=sys.stderr)
+        if slurm.in_submitit_job():  # an exception submitit hands back to the launching process
+            raise JobFailed(line) from None
         sys.exit(1)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -73,6 +74,21 @@ def torchrun_variables(environ: Mapping[str, str]) -> dict[str, str]:
         "MASTER_PORT": environ.get("MASTER_PORT") or str(rendezvous_port(environ["SLURM_JOB_ID"],
                                                                          environ["SLURM_STEP_ID"])),
     }
+
+
+def in_submitit_job(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in a task of a job submitit started (its local executor's or SLURM's)."""
+    return "SUBMITIT_EXECUTOR" in environ
+
+
+def submitit_requeue() -> tuple[signal.Signals, Callable] | None:
+    """In a submitit job: the signal submitit asks for before a time limit or a preemption (SIGUSR2
+    unless SUBMITIT_PREEMPT_SIGNAL), and the handler it set for it, which calls the job's
+    ``checkpoint``, requeues the job and exits (its checkpoint-and-requeue protocol)."""
+    if not in_submitit_job():
+        return None
+    signum = signal.Signals[f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}"]
+    return signum, signal.getsignal(signum)
 
 
 def is_task(environ: Mapping[str, str] = os.environ) -> bool:

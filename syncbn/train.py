@@ -181,25 +181,26 @@ class Job:
     describe: Callable[[Path], Path] | None = None
 
 
-def with_model(cfg: DictConfig, model: str) -> Config:
+def with_model(overrides: list[str], model: str) -> Config:
     """The command's config with ``model`` chosen instead: the user's overrides, then the model's
     group (of two choices of a group, Hydra takes the later)."""
-    return to_config(hydra.compose("config", overrides=[*HydraConfig.get().overrides.task, f"model={model}"]))
+    return to_config(hydra.compose("config", overrides=[*overrides, f"model={model}"]))
 
 
-def plan_jobs(cfg: DictConfig, config: Config, run_dir: Path) -> tuple[list[Job], Callable[[Path], list[dict]] | None]:
-    """The command's jobs, and what summarizes them at the end (None: nothing)."""
-    validate(config, distributed.planned_world_size(config.dist))  # the values first, then what they plan
+def plan_jobs(config: Config, run_dir: Path, overrides: list[str],
+              world_size: int) -> tuple[list[Job], Callable[[Path], list[dict]] | None]:
+    """The command's jobs (``overrides``: the command's own, ``world_size``: the run's), and what
+    summarizes them at the end (None: nothing)."""
+    validate(config, world_size)  # the values first, then what they plan
     study_plan.check(config)
     if config.study.per_device_batches is not None:
-        models = {model: with_model(cfg, model) for model in study_plan.study_lists(config)[0]}
+        models = {model: with_model(overrides, model) for model in study_plan.study_lists(config)[0]}
         jobs = study_plan.fused_jobs(config, models)
         return [Job(job.config, job.world_size, run_dir / job.name, job.save) for job in jobs], batch_size.summarize
     layout = study_plan.plan(config)
     if layout is not None:
         config = layout.apply(config)
-    job = Job(config, distributed.planned_world_size(config.dist), run_dir,
-              functools.partial(layout.save, config) if layout is not None else None)
+    job = Job(config, world_size, run_dir, functools.partial(layout.save, config) if layout is not None else None)
     return [job], weight_scale.summarize if is_sweep(config) else None
 
 
@@ -214,14 +215,30 @@ def nothing_to_train(reasons: list[str | None], run_dir: Path) -> str | None:
     return reasons[0] if len(reasons) == 1 else f"{run_dir} holds the {len(reasons)} finished jobs of the study: nothing to train"
 
 
+def stop_as_submitit_asks() -> None:
+    """In a submitit job: its signal (before a time limit, a preemption) and SIGTERM stop the ranks
+    at the next step, checkpointed; for its signal, rank 0 then hands over to submitit's own
+    handler, which requeues the job (the Hydra launcher's checkpoint resubmits the same job)."""
+    found = slurm.submitit_requeue()
+    if found is not None:
+        signum, handler = found
+        stopping.listen((signum, signal.SIGTERM))
+        stopping.requeue_with(signum, handler)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     # A launcher plugin (submitit) calls this in each rank's process, past ``cli``.
     os.environ.update(slurm.torchrun_variables(os.environ))
+    stop_as_submitit_asks()
     with one_line_errors():
         run_dir = output_dir(HydraConfig.get())
         with nothing_left_if_refused(run_dir):
-            jobs, summarize = plan_jobs(cfg, to_config(cfg), run_dir)
+            config, overrides = to_config(cfg), list(HydraConfig.get().overrides.task)
+            if distributed.launched():
+                distributed.check_world_size(config.dist.nproc, overrides, int(os.environ["WORLD_SIZE"]),
+                                             launcher_name())
+            jobs, summarize = plan_jobs(config, run_dir, overrides, distributed.planned_world_size(config.dist))
             for job in jobs:
                 preflight(job.config, job.world_size)
             if os.environ.get("SYNCBN_CHECK_ONLY") == "1":
@@ -249,10 +266,19 @@ def main(cfg: DictConfig) -> None:
                 summarize(run_dir)
 
 
+def launcher_name() -> str:
+    """What decided this launched run's world size, as a user would set it."""
+    if slurm.is_task() or "SLURM_JOB_ID" in os.environ:
+        return "srun (the job's tasks: sbatch --nodes x --ntasks-per-node)"
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        return "submitit (hydra.launcher.nodes x hydra.launcher.tasks_per_node)"
+    return "torchrun (--nnodes x --nproc-per-node)"
+
+
 def announce_stops(run_dir: Path, resume: str) -> None:
     """Where this process is a rank that no agent reports for (an srun task, a run of one process),
     its rank 0 says where the run stopped on a stop signal; under an agent, the agent's process."""
-    agent = distributed.launched() and not slurm.is_task()
+    agent = distributed.launched() and not (slurm.is_task() or slurm.in_submitit_job())
     stopping.announce_with(None if agent else lambda stop: stopped_line(stop, run_dir, resume))
 
 

@@ -20,7 +20,8 @@ FLOORS = [
     {"distributed": ("syncbn.distributed", "syncbn.slurm")},
     {"training": ("syncbn.training",)},
     {"experiments": ("syncbn.experiments",), "bench": ("syncbn.bench",)},
-    {"the Hydra app": ("syncbn.train", "syncbn.endings"), "the old commands": ("syncbn.plot", "syncbn.study")},
+    {"the Hydra app": ("syncbn.train", "syncbn.endings", "syncbn.launchers"),
+     "the old commands": ("syncbn.plot", "syncbn.study")},
     {"the torchrun wrapper": ("syncbn.torchrun",)},
 ]
 

@@ -276,6 +276,19 @@ def test_a_job_longer_than_its_time_limit_finishes_through_self_requeue_exactly(
     assert strip(read_metrics(run_dir)) == simulated(tmp_path / "uninterrupted", *long)
 
 
+def test_bad_input_or_a_world_size_unlike_the_tasks_is_one_line_and_starts_no_task(cluster, tmp_path):
+    """The batch script checks the command once, as rank 0 of the job's tasks, before srun starts one."""
+    for overrides, line in ((["train.epochs=-3"], "train.epochs must be >= 1, got -3"),
+                            (["dist.nproc=4"], "dist.nproc=4, but srun (the job's tasks: sbatch --nodes x "
+                                               "--ntasks-per-node) starts 2 ranks: the launcher decides the world "
+                                               "size here; leave dist.nproc out or make it 2")):
+        run_dir = tmp_path / f"job{len(overrides[0])}"
+        job = submit(cluster, run_dir, *overrides)
+        assert cluster.state(job) == "FAILED"
+        assert [x for x in Path(f"{run_dir}.out").read_text().splitlines() if x] == [f"syncbn.train: error: {line}"]
+        assert not run_dir.exists()
+
+
 def ranks_of(run_dir: Path) -> list[str]:
     """The command lines of processes still running with ``run_dir`` in them."""
     found = []

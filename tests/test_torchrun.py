@@ -74,6 +74,14 @@ def test_bad_input_is_one_line_and_starts_no_rank(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_dist_nproc_other_than_torchruns_world_size_is_one_line_and_starts_no_rank(tmp_path):
+    result = attempt(tmp_path / "run", "dist.nproc=4")
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        "syncbn.train: error: dist.nproc=4, but torchrun (--nnodes x --nproc-per-node) starts 2 ranks: the launcher "
+        "decides the world size here; leave dist.nproc out or make it 2"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_rank_is_one_line_naming_it_and_not_the_peer_that_failed_after_it(tmp_path):
     """Rank 1 SIGKILLed, no restarts: rank 0's collective then fails (connection reset), which
     must not print its traceback; torchrun's failure box is replaced by the cause."""

@@ -116,3 +116,65 @@ def test_a_rank_other_than_0_removes_nothing_of_the_directory_it_shares(monkeypa
     monkeypatch.setenv("RANK", "1")
     assert cli(monkeypatch, capsys, "optim.lr=inf", f"hydra.run.dir={tmp_path}")[0] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["train.log"]
+
+
+LAUNCH_PATHS = {  # every path's own way in: a multirun's launchers, and a rank's check before it starts
+    "multirun": ["-m", "seed=0,1"],
+    "submitit_local": ["-m", "hydra/launcher=submitit_local", "seed=0,1"],
+    "submitit_slurm": ["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=2", "seed=0,1"],
+    "torchrun_or_sbatch": ["--check"],  # what launch/torchrun.sh and launch/slurm.sbatch run first, as rank 0
+}
+LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "0"}
+
+
+@pytest.mark.parametrize("path", list(LAUNCH_PATHS))
+@pytest.mark.parametrize("overrides", SINGLE, ids="|".join)
+def test_every_bad_value_through_every_launch_path_is_one_line_before_anything_starts(monkeypatch, capsys, tmp_path,
+                                                                                       path, overrides):
+    """A multirun is checked whole before its sweep directory is made or a job submitted
+    (``syncbn.launchers``), through any launcher; a launched rank's check as the direct path's."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in (LAUNCHED.items() if path == "torchrun_or_sbatch" else ()):
+        monkeypatch.setenv(name, value)
+    dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    code, err = cli(monkeypatch, capsys, *LAUNCH_PATHS[path], *overrides, *dirs)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("syncbn.train: error: "), err
+    assert any(named(override, err) for override in overrides), err
+    assert list(tmp_path.iterdir()) == [], "nothing made, nothing submitted"
+
+
+@pytest.mark.parametrize("key,value", [("tasks_per_node", "-1"), ("tasks_per_node", "0"), ("nodes", "0"),
+                                       ("timeout_min", "0"), ("cpus_per_task", "-2"), ("gpus_per_node", "-1"),
+                                       ("mem_gb", "-1")])
+@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm"])
+def test_a_submitit_launchers_bad_key_is_one_line_naming_it_before_anything_is_submitted(monkeypatch, capsys, tmp_path,
+                                                                                        launcher, key, value):
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(monkeypatch, capsys, "-m", f"hydra/launcher={launcher}", f"hydra.launcher.{key}={value}", "seed=0,1")
+    assert code == 1 and err.splitlines() == [f"syncbn.train: error: hydra.launcher.{key} must be a whole number >= "
+                                              f"{0 if key in ('gpus_per_node', 'mem_gb') else 1}, got {value}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("path,args,launcher", [
+    ("submitit", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "seed=0,1"],
+     "submitit (hydra.launcher.nodes x hydra.launcher.tasks_per_node) starts 2 ranks"),
+    ("torchrun", ["--check"], "torchrun (--nnodes x --nproc-per-node) starts 2 ranks"),
+    ("srun", ["--check"], "srun (the job's tasks: sbatch --nodes x --ntasks-per-node) starts 2 ranks"),
+])
+@pytest.mark.parametrize("nproc", ["1", "4"])
+def test_a_dist_nproc_that_disagrees_with_the_launchers_world_size_is_refused_naming_both(monkeypatch, capsys,
+                                                                                         tmp_path, path, args,
+                                                                                         launcher, nproc):
+    """Where a launcher decides the world size, a dist.nproc the command gives must be it."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in ({**LAUNCHED, **({"SLURM_JOB_ID": "7"} if path == "srun" else {})}.items()
+                        if path != "submitit" else ()):
+        monkeypatch.setenv(name, value)
+    code, err = cli(monkeypatch, capsys, *args, f"dist.nproc={nproc}")
+    assert code == 1 and err.splitlines() == [
+        f"syncbn.train: error: dist.nproc={nproc}, but {launcher}: the launcher decides the world size here; "
+        "leave dist.nproc out or make it 2"]
+    assert list(tmp_path.iterdir()) == []
+    assert cli(monkeypatch, capsys, *args, "dist.nproc=2", "train.epochs=1", "data.train_size=100")[0] == 0 \
+        or path == "submitit", "the same world size is accepted"

@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 
 # SIGTERM: the shell's 128 + 15. SIGUSR1: the step ends cleanly (srun adds no lines of its own), and
 # the file REQUEUE_MARK tells the batch script to requeue the job.
-STATUS = {signal.SIGTERM: 143, signal.SIGUSR1: 0}
+STATUS = {signal.SIGTERM: 143, signal.SIGUSR1: 0, signal.SIGUSR2: 0}
 
 REQUEUE_MARK = "requeue"  # in the run directory: stopped on SLURM's warning, to be requeued
 
 _received = {"signal": 0, "at": 0.0}  # the stop signal this process got (0: none) and when
 _announcer: list[Callable[[StopRequested], str]] = []  # rank 0's line on a stop, where it says one
+_requeuers: dict[int, Callable] = {}  # a signal's handler to call after its stop (submitit's requeue)
 
 
 def note(signum: int, frame=None) -> None:
@@ -59,6 +60,16 @@ def announce_with(line: Callable[[StopRequested], str] | None) -> None:
 
 def announcement(stop: StopRequested) -> str | None:
     return _announcer[0](stop) if _announcer else None
+
+
+def requeue_with(signum: int, handler: Callable) -> None:
+    """After a stop on ``signum``, rank 0 calls ``handler(signum, None)``: submitit's own handler for
+    its signal, which calls the job's checkpoint, requeues the job and ends the process."""
+    _requeuers[signum] = handler
+
+
+def requeuer(signum: int) -> Callable | None:
+    return _requeuers.get(signum)
 
 
 def received() -> int:
