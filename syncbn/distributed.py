@@ -79,20 +79,6 @@ def planned_world_size(config: DistConfig) -> int:
     return int(os.environ["WORLD_SIZE"]) if launched() else config.nproc
 
 
-def nproc_given(overrides: list[str]) -> bool:
-    """Whether a command's overrides set ``dist.nproc`` (``dist.nproc=4``, ``+dist.nproc=4``...)."""
-    return any(override.lstrip("+~").partition("=")[0] == "dist.nproc" for override in overrides)
-
-
-def check_world_size(nproc: int, overrides: list[str], world_size: int, launcher: str) -> None:
-    """Where a launcher decides the world size, a ``dist.nproc`` the command gives must agree with it:
-    a world size that silently differs from the one asked for trains another experiment (per-rank
-    BatchNorm's statistics span W times fewer samples)."""
-    if nproc_given(overrides) and nproc != world_size:
-        raise ConfigError(f"dist.nproc={nproc}, but {launcher} starts {world_size} ranks: the launcher decides the "
-                          f"world size here; leave dist.nproc out or make it {world_size}")
-
-
 def choose_device(config: DistConfig, local_rank: int) -> torch.device:
     """``dist.device`` if set (``cuda`` means this rank's GPU), else ``cuda:LOCAL_RANK`` with CUDA, else CPU."""
     if config.device is None:

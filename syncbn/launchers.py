@@ -1,6 +1,6 @@
 """A multirun checked whole before any of its jobs starts, whichever launcher runs them (Hydra's own,
 one job after another; submitit's, locally or on SLURM): every job's config is composed here, in the
-launching process, and checked as the direct path checks a single run (``train.preflight``), with
+launching process, and checked as the direct path checks a single run (``plan.preflight``), with
 the world size the launcher will give it, so bad input ends in one line naming the key before the
 sweep's directory is made or a job is submitted. The launcher's own keys (``hydra.launcher.*``) are
 checked too: submitit would take a negative task count, and fail later, naming none of them.
@@ -16,12 +16,26 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from syncbn import distributed, endings, train
+from syncbn import endings, plan
 from syncbn.errors import ConfigError
 from syncbn.training.config import to_config
 
 # submitit's keys (all whole numbers) and their least values, where set (None: submitit's default).
 LEAST = {"tasks_per_node": 1, "nodes": 1, "cpus_per_task": 1, "timeout_min": 1, "gpus_per_node": 0, "mem_gb": 0}
+
+
+def nproc_given(overrides: list[str]) -> bool:
+    """Whether a command's overrides set ``dist.nproc`` (``dist.nproc=4``, ``+dist.nproc=4``...)."""
+    return any(override.lstrip("+~").partition("=")[0] == "dist.nproc" for override in overrides)
+
+
+def check_world_size(nproc: int, overrides: list[str], world_size: int, launcher: str) -> None:
+    """Where a launcher decides the world size, a ``dist.nproc`` the command gives must agree with it:
+    a world size that silently differs from the one asked for trains another experiment (per-rank
+    BatchNorm's statistics span W times fewer samples)."""
+    if nproc_given(overrides) and nproc != world_size:
+        raise ConfigError(f"dist.nproc={nproc}, but {launcher} starts {world_size} ranks: the launcher decides the "
+                          f"world size here; leave dist.nproc out or make it {world_size}")
 
 
 def is_submitit(launcher: DictConfig) -> bool:
@@ -47,16 +61,15 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 
 
 def check_job(overrides: list[str], launcher_world_size: int | None) -> None:
-    """One job as ``train.main`` checks it, with the world size its launcher gives it."""
-    cfg = train.hydra.compose("config", overrides=overrides)
+    """One job as ``train.main`` checks it, with the world size its launcher gives it (None: its own)."""
+    cfg = plan.hydra.compose("config", overrides=overrides)
     config = to_config(cfg)
-    world_size = launcher_world_size or distributed.planned_world_size(config.dist)
     if launcher_world_size is not None:
-        distributed.check_world_size(config.dist.nproc, overrides, world_size,
-                                     "submitit (hydra.launcher.nodes x hydra.launcher.tasks_per_node)")
-    jobs, _ = train.plan_jobs(config, Path("."), overrides, world_size)
+        check_world_size(config.dist.nproc, overrides, launcher_world_size,
+                         "submitit (hydra.launcher.nodes x hydra.launcher.tasks_per_node)")
+    jobs, _ = plan.plan_jobs(config, Path("."), overrides, launcher_world_size)
     for job in jobs:
-        train.preflight(job.config, job.world_size)
+        plan.preflight(job.config, job.world_size)
 
 
 class CheckEveryJob(Callback):

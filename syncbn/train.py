@@ -25,15 +25,13 @@ scripts do); ranks other than 0 write nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import re
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -41,14 +39,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from syncbn import distributed, slurm
+from syncbn import distributed, launchers, slurm
 from syncbn.endings import (KNOWN_FAILURES, interrupts_in_one_line, one_line_errors, raise_on_sigterm, stopped_line,
                             ranks_die_on_interrupt)
 from syncbn.errors import ConfigError
-from syncbn.experiments import batch_size, study_plan, weight_scale
-from syncbn.training import checkpoint, data, loop, models, stopping, tracking
-from syncbn.training.config import Config, is_sweep, register, to_config, validate
-from syncbn.training.resume import nothing_to_resume
+from syncbn.plan import finished, plan_jobs, preflight
+from syncbn.training import checkpoint, loop, stopping
+from syncbn.training.config import Config, register, to_config
 
 log = logging.getLogger("syncbn.train")
 register()
@@ -81,17 +78,6 @@ def run_simulated_rank(config: Config, run_dir: Path) -> list[dict]:
         raise
     distributed.skip_teardown_at_exit()
     return history
-
-
-def preflight(config: Config, world_size: int) -> None:
-    """Everything that can be checked before the run takes its directory, each part checking what
-    it owns: the values, backend and device, the model's size, compiling, the data and its batches."""
-    validate(config, world_size)
-    distributed.check(config.dist)
-    models.check(config, world_size, distributed.local_processes(world_size), distributed.available_memory())
-    loop.check(config.train)
-    tracking.check(config.logger)
-    data.check(config, world_size)
 
 
 def output_dir(hydra_config) -> Path:
@@ -170,45 +156,6 @@ def train(config: Config, world_size: int, run_dir: Path) -> None:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-@dataclass(frozen=True)
-class Job:
-    """What one training of the command trains, and where: the whole command, or one of the fused
-    batch-size study's jobs (a directory each); ``describe`` writes its ``study.json``, if any."""
-
-    config: Config
-    world_size: int
-    run_dir: Path
-    describe: Callable[[Path], Path] | None = None
-
-
-def with_model(overrides: list[str], model: str) -> Config:
-    """The command's config with ``model`` chosen instead: the user's overrides, then the model's
-    group (of two choices of a group, Hydra takes the later)."""
-    return to_config(hydra.compose("config", overrides=[*overrides, f"model={model}"]))
-
-
-def plan_jobs(config: Config, run_dir: Path, overrides: list[str],
-              world_size: int) -> tuple[list[Job], Callable[[Path], list[dict]] | None]:
-    """The command's jobs (``overrides``: the command's own, ``world_size``: the run's), and what
-    summarizes them at the end (None: nothing)."""
-    validate(config, world_size)  # the values first, then what they plan
-    study_plan.check(config)
-    if config.study.per_device_batches is not None:
-        models = {model: with_model(overrides, model) for model in study_plan.study_lists(config)[0]}
-        jobs = study_plan.fused_jobs(config, models)
-        return [Job(job.config, job.world_size, run_dir / job.name, job.save) for job in jobs], batch_size.summarize
-    layout = study_plan.plan(config)
-    if layout is not None:
-        config = layout.apply(config)
-    job = Job(config, world_size, run_dir, functools.partial(layout.save, config) if layout is not None else None)
-    return [job], weight_scale.summarize if is_sweep(config) else None
-
-
-def finished(jobs: list[Job]) -> list[str | None]:
-    """For each job, why it has nothing left to train (its checkpoint says so), or None."""
-    return [nothing_to_resume(job.config, job.world_size, job.run_dir) for job in jobs]
-
-
 def nothing_to_train(reasons: list[str | None], run_dir: Path) -> str | None:
     if not all(reasons):
         return None
@@ -236,9 +183,9 @@ def main(cfg: DictConfig) -> None:
         with nothing_left_if_refused(run_dir):
             config, overrides = to_config(cfg), list(HydraConfig.get().overrides.task)
             if distributed.launched():
-                distributed.check_world_size(config.dist.nproc, overrides, int(os.environ["WORLD_SIZE"]),
+                launchers.check_world_size(config.dist.nproc, overrides, int(os.environ["WORLD_SIZE"]),
                                              launcher_name())
-            jobs, summarize = plan_jobs(config, run_dir, overrides, distributed.planned_world_size(config.dist))
+            jobs, summarize = plan_jobs(config, run_dir, overrides)
             for job in jobs:
                 preflight(job.config, job.world_size)
             if os.environ.get("SYNCBN_CHECK_ONLY") == "1":

@@ -20,7 +20,7 @@ FLOORS = [
     {"distributed": ("syncbn.distributed", "syncbn.slurm")},
     {"training": ("syncbn.training",)},
     {"experiments": ("syncbn.experiments",), "bench": ("syncbn.bench",)},
-    {"the Hydra app": ("syncbn.train", "syncbn.endings", "syncbn.launchers"),
+    {"the Hydra app": ("syncbn.train", "syncbn.endings", "syncbn.launchers", "syncbn.plan"),
      "the old commands": ("syncbn.plot", "syncbn.study")},
     {"the torchrun wrapper": ("syncbn.torchrun",)},
 ]

@@ -16,6 +16,7 @@ from syncbn import endings, train
 from syncbn.training import checkpoint, loop
 from syncbn.training.checkpoint import CheckpointError
 from syncbn.training.config import ConfigError
+from syncbn.training.resume import nothing_to_resume
 from syncbn.experiments.batch_size import main as study_main
 from syncbn.experiments.weight_scale import main as plot_main
 
@@ -188,9 +189,9 @@ def test_a_fresh_start_does_not_read_the_checkpoint_it_will_replace(tmp_path):
     looked at; with resume it is, and refused in one line."""
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     config = compose_config("train.resume=false")
-    assert train.nothing_to_resume(config, 1, tmp_path) is None
+    assert nothing_to_resume(config, 1, tmp_path) is None
     with pytest.raises(CheckpointError, match="checkpoint.pt cannot be read"):
-        train.nothing_to_resume(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
+        nothing_to_resume(replace(config, train=replace(config.train, resume=True)), 1, tmp_path)
 
 
 def failed_child(exitcode: int) -> ChildFailedError:
