@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import re
 import select
 import shutil
 import signal
@@ -28,7 +27,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +36,6 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-from torch.profiler import ProfilerActivity, profile
 
 from syncbn.errors import ConfigError
 
@@ -241,7 +238,10 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
     """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+
     quiet_launcher()
+    log_dir = elastic_log_dir()
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -252,9 +252,24 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
         max_restarts=max_restarts,
         monitor_interval=MONITOR_INTERVAL_S,
         start_method=start_method or warm_start_method(),
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     rank = functools.update_wrapper(functools.partial(_rank_of, os.getpid(), entrypoint), entrypoint)  # its name in errors
-    return elastic_launch(config, rank)(*args)
+    try:
+        return elastic_launch(config, rank)(*args)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def elastic_log_dir() -> str:
+    """A temporary directory for the launcher's per-rank error files, this launch's, removed when it
+    ends (left alone, torch's launcher leaves one in /tmp per launch). One a killed launcher left
+    behind (its pid in the name, no longer alive) is removed by the next launch."""
+    for stale in Path(tempfile.gettempdir()).glob("syncbn-elastic-*-*"):
+        owner = stale.name.split("-")[2]
+        if owner.isdigit() and not Path("/proc", owner).exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"syncbn-elastic-{os.getpid()}-")
 
 
 def _rank_of(launcher: int, entrypoint: Callable[..., Any], *args: Any) -> Any:
@@ -293,7 +308,8 @@ def warm_start_method() -> str:
     again as ``__mp_main__`` and it must not be in ``sys.modules`` already under its own name.
     """
     # torch._dynamo: DDP's constructor imports it, 1.5 s here.
-    preload = ["torch", "torch._dynamo", *sorted(name for name in sys.modules if name.startswith("syncbn."))]
+    preload = ["torch", "torch._dynamo", "syncbn.rank_server",
+               *sorted(name for name in sys.modules if name.startswith("syncbn."))]
     multiprocessing.set_forkserver_preload(preload)
     return "forkserver"
 
@@ -354,45 +370,3 @@ def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (e.g. unsynchronized BatchNorm statistics), as DDP would."""
     for buffer in module.buffers():
         dist.broadcast(buffer, src=0)
-
-
-# Kineto's own notices ("USDT: ... profiler_start", "STAGE: ...", a CUDA probe's "ERROR: ...") are
-# written by its C++ logger straight to file descriptor 2, whatever its log level says.
-_KINETO_NOTICE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
-
-
-@contextlib.contextmanager
-def _without_kineto_notices() -> Iterator[None]:
-    """Hold back what is written to fd 2 inside the block, then pass on all but Kineto's notices."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not _KINETO_NOTICE.match(line)))
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[Counter]:
-    """Count the collectives this process issues inside the block, by name (``c10d::allreduce_``...).
-
-    Every c10d collective, from Python or from DDP's C++ reducer, passes through the dispatcher as
-    a ``c10d::`` op, so the profiler sees them all, whatever the backend. The counter is filled
-    when the block exits.
-    """
-    counts: Counter = Counter()
-    prof = profile(activities=[ProfilerActivity.CPU])
-    with _without_kineto_notices():
-        prof.start()
-    try:
-        yield counts
-    finally:
-        with _without_kineto_notices():
-            prof.stop()
-    counts.update(event.name for event in prof.events() if event.name.startswith("c10d::"))

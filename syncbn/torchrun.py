@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,13 +39,27 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
-def run_dir_of(environ: dict[str, str]) -> tuple[Path, str]:
-    """The run directory, and how to resume the run in it."""
-    if environ.get("SYNCBN_RUN_DIR"):
-        run_dir = Path(environ["SYNCBN_RUN_DIR"])
+def run_dir_of(environ: dict[str, str], overrides: list[str] = ()) -> tuple[Path, str]:
+    """The run directory (SYNCBN_RUN_DIR, or a ``hydra.run.dir=`` of the overrides, the last one as
+    Hydra reads them, or a fresh one from the clock), and how to resume the run in it."""
+    given = [o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == "hydra.run.dir"]
+    if environ.get("SYNCBN_RUN_DIR") or given:
+        run_dir = Path(environ.get("SYNCBN_RUN_DIR") or given[-1].strip("'\""))
         return run_dir, f"run the same command to resume from {run_dir}"
     run_dir = Path("outputs", datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
     return run_dir, f"run the same command with SYNCBN_RUN_DIR={shlex.quote(str(run_dir))} to resume"
+
+
+# Each rank's command: Ctrl-C reaches every rank in the terminal's foreground group, and a rank still
+# importing torch would print a KeyboardInterrupt traceback (torchrun stops them all and the wrapper
+# reports once); so the first thing a rank does, before any import, is to die on SIGINT silently.
+RANK_BOOTSTRAP = ("import signal; signal.signal(signal.SIGINT, signal.SIG_DFL); import runpy; "
+                  "runpy.run_module('syncbn.train', run_name='__main__', alter_sys=True)")
+
+
+def rank_command() -> list[str]:
+    """``python -m syncbn.train`` as each rank runs it: with SIGINT silent from its first line."""
+    return [sys.executable, "-c", RANK_BOOTSTRAP]
 
 
 def one_node_world_size(args) -> int | None:
@@ -72,17 +87,21 @@ def check(world_size: int, overrides: list[str]) -> int:
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, endings.raise_on_sigterm)  # torchrun's own handler comes with the ranks
     launcher_args, overrides = split(argv)
-    run_dir, resume = run_dir_of(dict(os.environ))
+    run_dir, resume = run_dir_of(dict(os.environ), overrides)
     overrides = [train.hydra_override("hydra.run.dir", run_dir), train.hydra_override("hydra.sweep.dir", run_dir),
-                 *overrides]
+                 *(o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir")]
     with endings.interrupts_in_one_line(run_dir, resume), endings.one_line_errors():
-        args = torchrun.parse_args([*launcher_args, "-m", "syncbn.train", *overrides])
+        args = torchrun.parse_args([*launcher_args, "--no-python", *rank_command(), *overrides])
         world_size = one_node_world_size(args)
         if world_size is not None and (status := check(world_size, overrides)):
             sys.exit(status)
         distributed.quiet_launcher()
         logging.getLogger(torchrun.__name__).setLevel(logging.ERROR)  # its OMP_NUM_THREADS notice
-        torchrun.run(args)
+        log_dir = args.log_dir = distributed.elastic_log_dir()  # torchrun's own would stay in /tmp
+        try:
+            torchrun.run(args)
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gloo import GlooGroup
 
 from syncbn import SyncBatchNorm
-from syncbn.distributed import count_collectives
+from syncbn.counting import count_collectives
 
 EXACT = dict(rtol=1e-10, atol=1e-10)
 COLLECTIVES = ["all_gather", "all_reduce", "auto"]

@@ -17,7 +17,7 @@ LAYER = {"syncbn", "syncbn.functional", "syncbn.comm", "syncbn.batchnorm", "sync
 FLOORS = [
     {"the layer": tuple(LAYER)},
     {"errors": ("syncbn.errors",)},
-    {"distributed": ("syncbn.distributed", "syncbn.slurm")},
+    {"distributed": ("syncbn.distributed", "syncbn.slurm", "syncbn.rank_server", "syncbn.counting")},
     {"training": ("syncbn.training",)},
     {"experiments": ("syncbn.experiments",), "bench": ("syncbn.bench",)},
     {"the Hydra app": ("syncbn.train", "syncbn.endings", "syncbn.launchers", "syncbn.plan"),

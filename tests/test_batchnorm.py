@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from syncbn import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm
 from syncbn.cost import GLOO, NCCL, Algorithm, CostModel
-from syncbn.distributed import count_collectives
+from syncbn.counting import count_collectives
 
 STEPS = 3
 EXACT = dict(rtol=1e-10, atol=1e-10)

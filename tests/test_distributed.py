@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,36 @@ def test_an_error_file_that_cannot_be_written_is_left_absent_not_half_written(tm
     monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
     distributed.record_failure(RuntimeError("no launcher"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launchs_log_directory_left_by_a_killed_launcher_is_removed_by_the_next_and_a_live_ones_kept(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(distributed.tempfile, "tempdir", None)  # read TMPDIR again
+    dead = tmp_path / "syncbn-elastic-999999999-abc"
+    alive = tmp_path / f"syncbn-elastic-{os.getppid()}-def"
+    foreign = tmp_path / "syncbn-elastic-notapid-x"
+    for directory in (dead, alive, foreign):
+        directory.mkdir()
+    mine = Path(distributed.elastic_log_dir())
+    assert mine.parent == tmp_path and mine.name.startswith(f"syncbn-elastic-{os.getpid()}-")
+    assert not dead.exists() and alive.exists() and foreign.exists()
+
+
+def test_the_rank_servers_children_are_silent_only_when_their_launcher_is_gone(capsys):
+    """A rank the server starts unpickles its launcher's semaphores; where the launcher has ended and
+    unlinked them, that FileNotFoundError says nothing (the launcher's line does); others print."""
+    from syncbn import rank_server
+
+    def semaphore_gone():
+        import multiprocessing.synchronize as synchronize
+        class Lock:
+            __setstate__ = synchronize.SemLock.__setstate__
+        Lock().__setstate__((0, 1, 1, "/nonexistent-semaphore"))
+
+    for raising, printed in ((semaphore_gone, False), (lambda: open("/nonexistent/file"), True)):
+        try:
+            raising()
+        except Exception:
+            rank_server.quiet_when_orphaned(*sys.exc_info())
+        assert bool(capsys.readouterr().err) == printed

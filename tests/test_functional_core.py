@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from syncbn import comm, functional
-from syncbn.distributed import count_collectives
+from syncbn.counting import count_collectives
 
 
 @pytest.mark.parametrize("count", [4, torch.tensor(4.0, dtype=torch.float64), 0, torch.tensor(0.0, dtype=torch.float64)],

@@ -50,6 +50,35 @@ def test_the_run_directory_is_the_pinned_one_or_a_fresh_clock_one_with_its_resum
     assert torchrun.run_dir_of({})[0] != first, "two launches in one second get two directories"
 
 
+def test_a_hydra_run_dir_among_the_overrides_is_the_run_directory_its_lines_name():
+    """The last one, as Hydra reads them; quoted as a shell passes Hydra's quotes on."""
+    assert torchrun.run_dir_of({}, ["norm=bn", "hydra.run.dir=out/x", "hydra.run.dir='out/y z'"]) == (
+        Path("out/y z"), "run the same command to resume from out/y z")
+    assert torchrun.run_dir_of({"SYNCBN_RUN_DIR": "pinned"}, ["hydra.run.dir=out/x"])[0] == Path("pinned")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_ranks_start_is_one_line_naming_the_directory_given(tmp_path, signum):
+    """Ctrl-C (to the terminal's whole group: ranks still importing torch too) or SIGTERM to torchrun
+    while its ranks start: one line, no rank's traceback, naming the hydra.run.dir the command gave;
+    torchrun's log directory in TMPDIR removed."""
+    run_dir, tmp = tmp_path / "given", tmp_path / "tmp"
+    tmp.mkdir()
+    launcher = subprocess.Popen(launch(run_dir, f"hydra.run.dir={run_dir}"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, "TMPDIR": str(tmp)},
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(children(launcher.pid)) < 2:  # the ranks have started (and import torch)
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(launcher.pid, signum) if signum == signal.SIGINT else launcher.send_signal(signum)
+    _, stderr = launcher.communicate(timeout=60)
+    assert stderr.splitlines() == [f"syncbn.train: interrupted by {signum.name} before the first checkpoint; "
+                                   f"{run_dir} has nothing to resume"], stderr
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
 @pytest.mark.parametrize("flags,world_size", [
     (["--nproc-per-node=3"], 3), (["--nproc_per_node", "2"], 2), (["--nnodes=1:1", "--nproc-per-node=4"], 4),
     ([], 1), (["--nnodes=2", "--nproc-per-node=2"], None), (["--nnodes=1:2", "--nproc-per-node=2"], None),

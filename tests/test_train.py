@@ -239,3 +239,42 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(monkeypatch, capsys, 
     diverged = [row for row in rows if row[SUMMARY_COLUMNS.index("diverged")] == "True"]
     assert len(diverged) == 1 and diverged[0][SUMMARY_COLUMNS.index("epoch")] == "1"
     assert len(rows) == 3, "the diverged run stopped after one epoch, the other trained both"
+
+
+def descendants(pid: int) -> list[str]:
+    """The command lines of every process below ``pid``."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+            frontier.append(int(child))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_simulations_ranks_are_started_is_one_line(tmp_path, signum):
+    """The launcher stopped while its rank server forks the ranks: each rank, unpickling semaphores
+    its ending launcher has unlinked, printed a 15-line traceback under the launcher's line
+    (syncbn/rank_server.py quiets it); no temporary directory of the launch is left."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    launcher = subprocess.Popen([sys.executable, "-m", "syncbn.train", "dist.nproc=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not any("forkserver" in command for command in descendants(launcher.pid)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.01)
+    launcher.send_signal(signum)
+    _, stderr = launcher.communicate(timeout=60)
+    assert stderr.splitlines() == [f"syncbn.train: interrupted by {signum.name} before the first checkpoint; "
+                                   f"{tmp_path / 'run'} has nothing to resume"], stderr
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []

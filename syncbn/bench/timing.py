@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from syncbn import distributed
+from syncbn import counting
 from syncbn.bench.settings import Settings
 from syncbn.comm import start_all_gather
 from syncbn.training.loop import compile_quietly
@@ -71,7 +71,7 @@ def _sync(device: torch.device) -> None:
 
 
 def collectives_per_call(fn: Callable[[], None]) -> dict:
-    with distributed.count_collectives() as counts:
+    with counting.count_collectives() as counts:
         fn()
     return dict(counts)
 

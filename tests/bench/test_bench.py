@@ -19,7 +19,8 @@ from syncbn.bench.sweep import sweep_commands, timed
 from syncbn.bench.minimum import MinimumSyncBatchNorm
 from syncbn.bench.tables import collective_table
 from syncbn.cost import GLOO, Algorithm, CostModel
-from syncbn.distributed import DistContext, count_collectives
+from syncbn.counting import count_collectives
+from syncbn.distributed import DistContext
 
 COMPILES = why_not_compiled() is None  # else the compiled contenders are left out, as a user must ask
 
