@@ -265,7 +265,8 @@ def elastic_log_dir() -> str:
     """A temporary directory for the launcher's per-rank error files, this launch's, removed when it
     ends (left alone, torch's launcher leaves one in /tmp per launch). One a killed launcher left
     behind (its pid in the name, no longer alive) is removed by the next launch."""
-    for stale in Path(tempfile.gettempdir()).glob("syncbn-elastic-*-*"):
+    for stale in [*Path(tempfile.gettempdir()).glob("syncbn-elastic-*-*"),
+                  *Path(tempfile.gettempdir()).glob("syncbn-rs-*-*")]:
         owner = stale.name.split("-")[2]
         if owner.isdigit() and not Path("/proc", owner).exists():
             shutil.rmtree(stale, ignore_errors=True)
@@ -307,6 +308,15 @@ def warm_start_method() -> str:
     threads, no OpenMP pool); the module run as ``__main__`` is left out, since each rank runs it
     again as ``__mp_main__`` and it must not be in ``sys.modules`` already under its own name.
     """
+    # The rank server's socket lives in multiprocessing's temporary directory: named for this process,
+    # so that one a killed launcher left behind is removed by the next launch (``elastic_log_dir``).
+    # Its socket's path must fit AF_UNIX's 108 bytes: a long TMPDIR gives way to /tmp (as Python 3.12's
+    # multiprocessing does).
+    config = multiprocessing.process.current_process()._config
+    if "tempdir" not in config:
+        base = tempfile.gettempdir() if len(tempfile.gettempdir()) <= 60 else "/tmp"
+        config["tempdir"] = tempfile.mkdtemp(prefix=f"syncbn-rs-{os.getpid()}-", dir=base)
+        atexit.register(shutil.rmtree, config["tempdir"], True)
     # torch._dynamo: DDP's constructor imports it, 1.5 s here.
     preload = ["torch", "torch._dynamo", "syncbn.rank_server",
                *sorted(name for name in sys.modules if name.startswith("syncbn."))]

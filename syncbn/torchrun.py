@@ -16,6 +16,7 @@ says where training stopped and how to resume, exit 130/143.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -23,10 +24,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 from torch.distributed import run as torchrun
+from torch.distributed.elastic.rendezvous import RendezvousError
 
 from syncbn import distributed, endings, train
 
@@ -84,13 +87,26 @@ def check(world_size: int, overrides: list[str]) -> int:
         raise
 
 
+@contextlib.contextmanager
+def peers_gone(run_dir: Path, resume: str) -> Iterator[None]:
+    """Another node's torchrun, which held the rendezvous, ended (stopped, killed): this one's agent
+    loses the store it shares with it. One line, which says where training stopped, not torch's
+    traceback of its store client."""
+    try:
+        yield
+    except RendezvousError as error:
+        print(f"syncbn.train: error: the rendezvous with the other nodes is gone ({type(error).__name__}): every "
+              f"node stopped {endings.where_training_stopped(run_dir, resume)}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, endings.raise_on_sigterm)  # torchrun's own handler comes with the ranks
     launcher_args, overrides = split(argv)
     run_dir, resume = run_dir_of(dict(os.environ), overrides)
     overrides = [train.hydra_override("hydra.run.dir", run_dir), train.hydra_override("hydra.sweep.dir", run_dir),
                  *(o for o in overrides if o.lstrip("+~").partition("=")[0] != "hydra.run.dir")]
-    with endings.interrupts_in_one_line(run_dir, resume), endings.one_line_errors():
+    with endings.interrupts_in_one_line(run_dir, resume), endings.one_line_errors(), peers_gone(run_dir, resume):
         args = torchrun.parse_args([*launcher_args, "--no-python", *rank_command(), *overrides])
         world_size = one_node_world_size(args)
         if world_size is not None and (status := check(world_size, overrides)):

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("simulation", "torchrun", "multinode", "slurm")
 FAULTS = ("kill_rank", "kill_launcher", "term_launcher", "int_launcher", "stop_rank")
 TIMEOUT_S = 15  # dist.timeout_s of every run: a hung peer is noticed within it
-RUN = ["data.train_size=400", "model.hidden=[20]", "train.epochs=6", "train.checkpoint_every_steps=1",
+GRACE_S = 10  # the launchers' grace before they SIGKILL ranks that did not end on SIGTERM (torch's: 30)
+RUN = ["data.train_size=400", "model.hidden=[20]", "train.epochs=30", "train.checkpoint_every_steps=1",
        f"dist.timeout_s={TIMEOUT_S}"]
 WORKLOADS = {"single": RUN, "sweep": [*RUN, "+experiment=weight_scale_sweep", "sweep.weight_scales=[1.0,0.01]"]}
 # What a finished run's directory holds, and nothing else.
@@ -111,6 +112,7 @@ class Launch:
     def __init__(self, launcher: str, overrides: list[str], run_dir: Path, tag: str, tmp: Path, cluster=None):
         self.launcher, self.run_dir, self.tag, self.cluster = launcher, run_dir, tag, cluster
         self.env = {**os.environ, "SYNCBN_CHAOS_TAG": tag, "TMPDIR": str(tmp), "SYNCBN_RUN_DIR": str(run_dir),
+                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_S),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.processes: list[subprocess.Popen] = []
         self.job: str | None = None
@@ -185,9 +187,10 @@ class Launch:
         return all(process.returncode == 0 for process in self.processes)
 
     def stderr_lines(self) -> list[str]:
-        if self.launcher == "slurm":
+        if self.launcher == "slurm":  # the job's log: its training lines too, which are not the fault's
             out = Path(f"{self.run_dir}.out")
-            return out.read_text().splitlines() if out.exists() else []
+            lines = out.read_text().splitlines() if out.exists() else []
+            return [line for line in lines if not line.startswith(("[20", "wrote "))]
         return [line for process in self.processes for line in (process.stderr.read() or "").splitlines()]
 
     def kill_everything(self) -> int:
@@ -261,7 +264,7 @@ def one_fault(fault: Fault, ref: Reference, root: Path, rng: random.Random, clus
     before = len(launch.stderr_lines()) if fault.launcher == "slurm" else 0
     outcome.hit = launch.inject(fault.kind, rng)
     injected = time.monotonic()
-    if launch.wait(TIMEOUT_S + 75):
+    if launch.wait(TIMEOUT_S + GRACE_S + 60):
         outcome.seconds_to_message = round(time.monotonic() - injected, 2)
     else:
         outcome.hung = True

@@ -185,3 +185,16 @@ def test_sigterm_while_the_command_is_checked_is_one_line_exit_143_and_leaves_no
     assert (launcher.returncode, stderr.splitlines()) == (143, [
         f"syncbn.train: interrupted by SIGTERM before the first checkpoint; {run_dir} has nothing to resume"])
     assert not run_dir.exists()
+
+
+def test_the_rendezvous_of_another_node_gone_is_one_line_saying_where_training_stopped(tmp_path, capsys):
+    """Two nodes, the one holding the rendezvous stopped: the other's agent loses its store; torch
+    printed its store client's traceback."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    with pytest.raises(SystemExit) as ended, torchrun.peers_gone(tmp_path, "run the same command"):
+        raise RendezvousConnectionError("The connection to the C10d store has failed.")
+    assert ended.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"syncbn.train: error: the rendezvous with the other nodes is gone (RendezvousConnectionError): every node "
+        f"stopped before the first checkpoint; {tmp_path} has nothing to resume"]
