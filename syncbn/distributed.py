@@ -255,9 +255,13 @@ def launch_local(entrypoint: Callable[..., Any], args: tuple, nproc: int, max_re
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
     )
     rank = functools.update_wrapper(functools.partial(_rank_of, os.getpid(), entrypoint), entrypoint)  # its name in errors
+    # torch's launcher writes each rank's error file into the temporary directory and leaves it there
+    # when a rank is killed: inside this launch's own directory, it goes with it.
+    tempdir, tempfile.tempdir = tempfile.tempdir, log_dir
     try:
         return elastic_launch(config, rank)(*args)
     finally:
+        tempfile.tempdir = tempdir
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

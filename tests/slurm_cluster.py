@@ -154,3 +154,42 @@ def running(home: Path) -> Iterator[Cluster]:
     finally:
         cluster.run("scancel", "--full", "--partition=tests")
         daemons.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.slurm_cluster start|stop DIR``: the tests' one-node cluster for a user to try
+    ``sbatch launch/slurm.sbatch`` on this machine (as root, with Debian's slurmctld, slurmd,
+    slurm-client and munge installed); start prints the ``export SLURM_CONF=...`` to run first."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m tests.slurm_cluster", description=main.__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("home", type=Path, help="a folder for the cluster's config, state and logs (made by start)")
+    args = parser.parse_args(argv)
+    pids = args.home / "daemons.pids"
+    if args.action == "start":
+        if reason := why_not():
+            print(f"cannot start the cluster: {reason}")
+            return 1
+        args.home.mkdir(parents=True, exist_ok=False)
+        _, daemons = start(args.home)
+        pids.write_text(" ".join(str(process.pid) for process in daemons.processes))
+        print(f"export SLURM_CONF={args.home / 'slurm.conf'}   # then: sbatch launch/slurm.sbatch ...; "
+              f"stop it with python -m tests.slurm_cluster stop {args.home}")
+        return 0
+    for pid in reversed([int(pid) for pid in pids.read_text().split()]):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    pids.unlink()
+    print(f"stopped the cluster of {args.home}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
