@@ -1,6 +1,7 @@
 """syncbn: synchronized BatchNorm that is exact on every backend, and a DDP trainer around it."""
 
-from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm, bn_groups, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.join import join, joinable
 
-__all__ = ["GhostBatchNorm", "SyncBatchNorm", "convert_sync_batchnorm", "join", "joinable", "revert_sync_batchnorm"]
+__all__ = ["GhostBatchNorm", "SyncBatchNorm", "bn_groups", "convert_sync_batchnorm", "join", "joinable",
+           "revert_sync_batchnorm"]

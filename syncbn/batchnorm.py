@@ -52,6 +52,39 @@ def _check_input(layer: _BatchNorm, input: torch.Tensor) -> None:
     )
 
 
+_GROUPS: dict[tuple[dist.ProcessGroup, int], list[dist.ProcessGroup]] = {}
+
+
+def bn_groups(group_size: int) -> dist.ProcessGroup | None:
+    """This rank's BN group: ranks ``0..k-1``, ``k..2k-1``, ... of the world (``k = group_size``) share
+    their statistics. torch requires every rank to create every group, in the same order: the first
+    call in a world creates them all, on every rank (call it on every rank, as ``init_process_group``
+    is); later calls return them. None for ``k = 1`` (each rank alone), WORLD for the whole world."""
+    _check_group_size(group_size, None)
+    world, world_size = dist.group.WORLD, dist.get_world_size()
+    if world_size % group_size:
+        raise ValueError(f"SyncBatchNorm group_size={group_size} does not divide the world size {world_size}: the "
+                         "groups are ranks 0..k-1, k..2k-1, ...")
+    if group_size == 1:
+        return None
+    if group_size == world_size:
+        return world
+    if (world, group_size) not in _GROUPS:
+        _GROUPS[world, group_size] = [dist.new_group(list(range(start, start + group_size)))
+                                      for start in range(0, world_size, group_size)]
+    return _GROUPS[world, group_size][dist.get_rank() // group_size]
+
+
+def _check_group_size(group_size: int | None, process_group: dist.ProcessGroup | None) -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"SyncBatchNorm group_size must be a whole number >= 1, got {group_size!r}")
+    if process_group is not None:
+        raise ValueError("SyncBatchNorm takes group_size or process_group, not both: group_size makes the groups of "
+                         "consecutive ranks itself")
+
+
 def _check_collective(collective: str) -> None:
     if collective not in COLLECTIVES:
         raise ValueError(f"SyncBatchNorm collective must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
@@ -95,12 +128,17 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         collective: str = "auto",
         cost_model: CostModel | str | None = None,
+        group_size: int | None = None,
     ) -> None:
         # torch's keywords as torch takes them: ``bias`` (with ``affine``, a weight and no bias)
         # exists from torch 2.14 on, and only a torch that has it is passed it.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **({} if bias else {"bias": False}))
         _check_collective(collective)
+        _check_group_size(group_size, process_group)
+        if group_size is not None and dist.is_initialized():
+            bn_groups(group_size)  # every rank builds the model: every rank makes every group, outside any graph
+        self.group_size = group_size
         self.collective = collective
         self.cost_model = resolve_model(cost_model)  # ``auto``'s; None: by the group's backend
         self.auto_choice: str | None = None  # what ``auto`` chose in the last training step
@@ -156,13 +194,17 @@ class SyncBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         chose = f" (chose {self.auto_choice})" if self.collective == "auto" and self.auto_choice else ""
-        return super().extra_repr() + f", collective={self.collective}{chose}"
+        groups = "" if self.group_size is None else f", group_size={self.group_size}"
+        return super().extra_repr() + f", collective={self.collective}{chose}{groups}"
 
     def _group(self) -> dist.ProcessGroup | None:
         """The group of more than one rank whose batches the training statistics span, or None: no
         group, a group of one, or a rank outside ``process_group``. (``ProcessGroup.size()`` rather
         than ``dist.get_world_size``: cheaper, and a group of one pays it on every call.)"""
-        group = self.process_group or dist.group.WORLD
+        if self.group_size is not None:
+            group = bn_groups(self.group_size) if dist.is_initialized() else None
+        else:
+            group = self.process_group or dist.group.WORLD
         return group if isinstance(group, dist.ProcessGroup) and group.size() > 1 else None
 
 
@@ -241,9 +283,12 @@ def _replace_layers(module: nn.Module, replace, path: str = "") -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None,
-                           collective: str = "auto", cost_model: CostModel | str | None = None) -> nn.Module:
+                           collective: str = "auto", cost_model: CostModel | str | None = None,
+                           group_size: int | None = None) -> nn.Module:
     """Replace every torch BatchNorm (1d/2d/3d, ``nn.SyncBatchNorm``) in ``module`` by ours, each with
-    ``collective`` and ``cost_model``. ``GhostBatchNorm``, which emulates unsynchronized ranks on
+    ``collective``, ``cost_model`` and ``group_size`` (BN groups of that many consecutive ranks, made
+    by ``bn_groups`` on every rank where the world exists, else at the first training step; under
+    ``torch.compile``, convert after ``init_process_group``). ``GhostBatchNorm``, which emulates unsynchronized ranks on
     purpose, is left as it is; a lazy BatchNorm that has not seen an input yet is refused (it has
     no channels yet: run one forward pass first, as DDP needs too).
 
@@ -252,7 +297,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     """
 
     _check_collective(collective)
+    _check_group_size(group_size, process_group)
     cost_model = resolve_model(cost_model)  # refused here, even where no layer is converted
+    if group_size is not None and dist.is_initialized():
+        bn_groups(group_size)  # refused here too, and made on every rank even where no layer is converted
 
     def to_sync(layer: nn.Module, path: str) -> SyncBatchNorm | None:
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):
@@ -262,7 +310,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
                              "seen an input yet, so it has no channels to synchronize; run one forward pass "
                              "before converting")
         converted = _move_state(layer, SyncBatchNorm(**_norm_args(layer), process_group=process_group,
-                                                     collective=collective, cost_model=cost_model))
+                                                     collective=collective, cost_model=cost_model,
+                                                     group_size=group_size))
         if not isinstance(layer, nn.SyncBatchNorm):
             converted.plain_class = type(layer)
         return converted

@@ -46,10 +46,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_map
 
-from syncbn.batchnorm import SyncBatchNorm
+from syncbn.batchnorm import SyncBatchNorm, bn_groups
 
 
 def _emptied(args: tuple, kwargs: dict) -> tuple:
@@ -92,10 +93,20 @@ class SyncBatchNormJoinable(Joinable):
         self._used: set[int] = set()  # which outputs of the last step a loss reached
         self._last_used: set[int] = set()
         self._shadowing = False  # a plain module's own hooks run in the shadow steps too: they skip them
-        self._groups = [layer.process_group for layer in self.layers]
+        # Each layer's group as it runs (a BN group of group_size made here, on every rank, if not yet);
+        # a layer alone (group_size 1) runs no collective and keeps its settings.
+        self.layers = [layer for layer in self.layers if layer.group_size != 1]
+        self._settings = [(layer.process_group, layer.group_size) for layer in self.layers]
+        self._groups = [bn_groups(size) if size is not None else group for group, size in self._settings]
         self._twins = _twin_groups(self._groups)
         for layer, group in zip(self.layers, self._groups):
-            layer.process_group = self._twins[_ranks(group)]
+            layer.process_group, layer.group_size = self._twins[_ranks(group)], None
+        # Groups smaller than the training group can end, all their ranks joined, while others train:
+        # then each step says which ranks still train (decided from the twins, which every rank holds).
+        whole = _ranks(self._process_group)
+        self._activity = dist.new_group(list(whole)) if any(ranks != whole for ranks in self._twins) else None
+        self._activity_sent: tuple[torch.Tensor, dist.Work] | None = None
+        self.closed = False
         self._hooks = [model.register_forward_pre_hook(self._before_step, with_kwargs=True),
                        model.register_forward_hook(self._after_step)]
 
@@ -108,6 +119,25 @@ class SyncBatchNormJoinable(Joinable):
         self._step = _emptied(args, kwargs)
         self._last_used, self._used = self._used, set()
         Join.notify_join_context(self)
+        if self._activity is not None:
+            self._wait_activity()
+            training = torch.zeros(dist.get_world_size(), device=self._device)
+            training[dist.get_rank()] = 1
+            self._activity_sent = training, dist.all_reduce(training, group=self._activity, async_op=True)
+
+    def _wait_activity(self) -> None:
+        if self._activity_sent is not None:
+            self._activity_sent[1].wait()
+            self._activity_sent = None
+
+    def _layers_with_peers(self) -> list[SyncBatchNorm]:
+        """The layers whose group holds a rank that trains this step (every layer, without BN groups)."""
+        if self._activity is None:
+            return self.layers
+        training = torch.zeros(dist.get_world_size(), device=self._device)
+        dist.all_reduce(training, group=self._activity)
+        ranks = set(training.nonzero().flatten().tolist())
+        return [layer for layer, group in zip(self.layers, self._groups) if ranks & set(_ranks(group))]
 
     def _after_step(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._shadowing:
@@ -128,7 +158,13 @@ class SyncBatchNormJoinable(Joinable):
         return self._process_group
 
     def shadow_step(self) -> None:
-        """One of the peers' steps, on an empty batch of this rank's last step's shape."""
+        """One of the peers' steps, on an empty batch of this rank's last step's shape, for the layers
+        whose group still trains; every other BatchNorm (alone, or in a group whose ranks have all
+        joined) is left as it was, in eval mode for the step, as one process that no longer holds
+        their batches would leave it. Nothing runs where no layer has a peer that trains."""
+        shadowed = self._layers_with_peers()
+        if not shadowed:
+            return
         if self._step is None:
             raise RuntimeError(f"syncbn.join: rank {dist.get_rank()} ran no batch inside the join context and was "
                                "given no example, so it cannot take part in its peers' steps; pass "
@@ -136,45 +172,52 @@ class SyncBatchNormJoinable(Joinable):
         args, kwargs = self._step
         # The outputs this rank's last step backpropagated through; having run none, every output.
         used = self._used or self._last_used or None
+        resting = [m for m in self.network.modules()
+                   if isinstance(m, _BatchNorm) and m.training and not any(m is layer for layer in shadowed)]
         self._shadowing = True
         try:
+            for module in resting:
+                module.training = False
             outputs = tree_flatten(self.network(*args, **kwargs))[0]
             roots = [t for i, t in enumerate(outputs)
                      if (used is None or i in used) and isinstance(t, torch.Tensor) and t.requires_grad]
             if roots:
                 torch.autograd.backward(roots, [torch.zeros_like(t) for t in roots])
         finally:
+            for module in resting:
+                module.training = True
             self._shadowing = False
 
     def check_statistics_agree(self) -> None:
-        """Every rank must end with its peers' running statistics: a joined rank that took other
-        steps than theirs (its last step's non-batch arguments or loss outputs were not theirs) would
-        not, and says so here, on every rank, rather than train on silently."""
-        digest = hashlib.sha256()
-        for layer in self.layers:
-            for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
-                if buffer is not None:
-                    digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
-        mine = torch.tensor([int.from_bytes(digest.digest()[:6], "big")], dtype=torch.float64, device=self._device)
+        """Every rank must end with its group's running statistics: a joined rank that took other
+        steps than its peers' (its last step's non-batch arguments or loss outputs were not theirs)
+        would not, and says so here, on every rank, rather than train on silently. Each layer is
+        compared among the ranks of its own group (BN groups differ from one another by design)."""
+        mine = torch.tensor([_digest(layer) for layer in self.layers], dtype=torch.float64, device=self._device)
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._process_group))]
         dist.all_gather(everyone, mine, group=self._process_group)
-        if any(not torch.equal(theirs, everyone[0]) for theirs in everyone):
-            raise RuntimeError("syncbn.join: the ranks ended with different running statistics: a joined rank's steps "
-                               "were not its peers' (each joined rank repeats the arguments other than the batch, "
-                               "and the outputs its loss used, of its own last step; docs/layer.md)")
+        table = torch.stack(everyone) if everyone else mine.new_empty(0, 0)
+        for index, group in enumerate(self._groups):
+            column = table[list(_ranks(group)), index]
+            if not torch.equal(column, column[:1].expand_as(column)):
+                raise RuntimeError("syncbn.join: the ranks ended with different running statistics: a joined rank's "
+                                   "steps were not its peers' (each joined rank repeats the arguments other than the "
+                                   "batch, and the outputs its loss used, of its own last step; docs/layer.md)")
 
     def drop_twins(self) -> None:
-        for twin in self._twins.values():
+        self._wait_activity()
+        for twin in [*self._twins.values(), self._activity]:
             if isinstance(twin, dist.ProcessGroup):  # a rank outside a group holds a placeholder
                 dist.destroy_process_group(twin)
-        self._twins = {}
+        self._twins, self._activity = {}, None
 
     def close(self) -> None:
         """The layers back on their own groups, the hooks removed, the twins dropped."""
+        self.closed = True
         for hook in self._hooks:
             hook.remove()
-        for layer, group in zip(self.layers, self._groups):
-            layer.process_group = group
+        for layer, (group, size) in zip(self.layers, self._settings):
+            layer.process_group, layer.group_size = group, size
         self.drop_twins()
 
 
@@ -217,6 +260,15 @@ class _Shadow(JoinHook):
             self.joinable.close()
 
 
+def _digest(layer: SyncBatchNorm) -> int:
+    """48 bits of a SHA-256 of a layer's running statistics (exact in a float64)."""
+    digest = hashlib.sha256()
+    for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+        if buffer is not None:
+            digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:6], "big")
+
+
 def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
 
@@ -247,5 +299,5 @@ def join(model: nn.Module, *joinables: Joinable, example: Any = None,
         with Join([layer_joinable, *ddp, *joinables], throw_on_early_termination=throw_on_early_termination):
             yield layer_joinable
     finally:
-        if layer_joinable._twins:  # an exception inside skips Join's post hooks
+        if not layer_joinable.closed:  # an exception inside skips Join's post hooks
             layer_joinable.close()

@@ -56,6 +56,7 @@ class Case:
     bias: bool = True  # False: with ``affine``, a weight and no bias (torch 2.14's ``bias=False``)
     collective: str = "all_gather"
     cost_model: CostModel | None = None  # auto's
+    group_size: int | None = None  # BN groups of that many consecutive ranks
 
     def global_batches(self, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
@@ -109,7 +110,7 @@ def run_layer_on_rank(case: Case, compiled: bool = False) -> dict:
     """On each rank: train STEPS steps on this rank's slice of each global batch, then one eval step;
     ``compiled``: through ``torch.compile(fullgraph=True)`` (which raises on any graph break)."""
     rank = dist.get_rank()
-    layer = case.make(SyncBatchNorm, collective=case.collective, cost_model=case.cost_model)
+    layer = case.make(SyncBatchNorm, collective=case.collective, cost_model=case.cost_model, group_size=case.group_size)
     if compiled:
         torch._dynamo.reset()  # a new case, a new cache: dynamo allows 8 compiles of one forward
     model = torch.compile(layer, fullgraph=True, dynamic=False) if compiled else layer

@@ -75,7 +75,7 @@ FLAG_ARGUMENTS = [name for name, p in TORCH_PARAMETERS.items() if isinstance(p.d
 
 def test_every_constructor_argument_of_torchs_syncbatchnorm_is_ours_with_its_kind_and_default():
     ours = inspect.signature(SyncBatchNorm.__init__).parameters
-    assert list(ours) == [*TORCH_PARAMETERS, "collective", "cost_model"], "torch's, in torch's order, then ours"
+    assert list(ours) == [*TORCH_PARAMETERS, "collective", "cost_model", "group_size"], "torch's, in torch's order, then ours"
     assert ours["collective"].kind == ours["cost_model"].kind == inspect.Parameter.KEYWORD_ONLY
     for name, theirs in TORCH_PARAMETERS.items():
         assert (ours[name].kind, ours[name].default) == (theirs.kind, theirs.default), name

@@ -58,37 +58,47 @@ def loss_of(outputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, world_s
     return F.cross_entropy(logits, y) + (aux.square().mean() if world_size == 3 else 0)
 
 
-def train_joined_on_rank(plan: tuple, collective: str) -> dict:
+def train_joined_on_rank(plan: tuple, collective: str, group_size: int | None = None) -> dict:
     rank = dist.get_rank()
-    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads(), collective=collective),
+    model = DistributedDataParallel(convert_sync_batchnorm(TwoHeads(), collective=collective, group_size=group_size),
                                     broadcast_buffers=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batches = [batch(rank, step, size) for step, size in enumerate(plan[rank])]
-    example = None if batches else batch(rank, 0, 1)[0]
+    example = None if batches or group_size == 1 else batch(rank, 0, 1)[0]  # alone, a rank shadows no step
     with syncbn.join(model, example=example):
         for x, y in batches:
             optimizer.zero_grad()
             loss_of(model(x), y, len(plan)).backward()
             optimizer.step()
-    groups = {type(layer.process_group).__name__ for layer in model.module.modules() if isinstance(layer, SyncBatchNorm)}
-    return dict(state=model.module.state_dict(), groups=groups)
+    layers = [layer for layer in model.module.modules() if isinstance(layer, SyncBatchNorm)]
+    return dict(state=model.module.state_dict(), groups={type(layer.process_group).__name__ for layer in layers},
+                group_sizes={layer.group_size for layer in layers})
 
 
-def reference(plan: tuple) -> dict:
-    """One process, plain BatchNorm: at step t the batches of the ranks that hold a t-th one,
-    concatenated; the loss each of those ranks computes, summed and divided by the initial world
-    size, as DDP's Join averages."""
-    model = TwoHeads()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+def reference(plan: tuple, group_size: int | None = None) -> list[dict]:
+    """One process, plain BatchNorm, a copy of the model per BN group of ``group_size`` ranks (one
+    for the whole world by default), the copies sharing their parameters: at step t each copy
+    normalizes the batches of its ranks that hold a t-th one, concatenated; the loss each active
+    rank computes, summed over all and divided by the initial world size, as DDP's Join averages.
+    The state each group's ranks end with."""
+    group_size = group_size or len(plan)
+    models = [TwoHeads() for _ in range(len(plan) // group_size)]
     for step in range(max(map(len, plan))):
-        active = [batch(rank, step, sizes[step]) for rank, sizes in enumerate(plan) if step < len(sizes)]
-        sizes = [len(y) for _, y in active]
-        outputs = zip(*(output.split(sizes) for output in model(torch.cat([x for x, _ in active]))))
-        optimizer.zero_grad()
-        losses = [loss_of(parts, y, len(plan)) for parts, (_, y) in zip(outputs, active)]
+        losses = []
+        for group, model in enumerate(models):
+            ranks = range(group * group_size, (group + 1) * group_size)
+            active = [batch(rank, step, plan[rank][step]) for rank in ranks if step < len(plan[rank])]
+            if active:
+                outputs = zip(*(out.split([len(y) for _, y in active]) for out in model(torch.cat([x for x, _ in active]))))
+                losses += [loss_of(parts, y, len(plan)) for parts, (_, y) in zip(outputs, active)]
         (sum(losses) / len(plan)).backward()
-        optimizer.step()
-    return model.state_dict()
+        with torch.no_grad():
+            for shared in zip(*(model.parameters() for model in models)):
+                summed = sum(p.grad for p in shared if p.grad is not None)
+                for parameter in shared:
+                    parameter -= 0.5 * summed
+                    parameter.grad = None
+    return [model.state_dict() for model in models]
 
 
 @pytest.mark.parametrize("collective", ["all_gather", "all_reduce"])
@@ -96,13 +106,67 @@ def reference(plan: tuple) -> dict:
 def test_uneven_batches_under_join_finish_and_train_as_one_process_on_what_the_active_ranks_hold(gloo_group, world_size,
                                                                                                   collective):
     plan = PLANS[world_size]
-    expected = reference(plan)
-    ranks = gloo_group(world_size).run(train_joined_on_rank, plan, collective)
+    assert_each_rank_ends_as_its_group(gloo_group(world_size).run(train_joined_on_rank, plan, collective),
+                                       reference(plan), len(plan))
+
+
+def assert_each_rank_ends_as_its_group(ranks: list[dict], expected: list[dict], group_size: int) -> None:
     for rank, result in enumerate(ranks):
-        assert result["groups"] == {"NoneType"}, "the layers are back on their own group (WORLD: None)"
-        assert result["state"].keys() == expected.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(result["state"][name], value, **EXACT, msg=f"rank {rank} {name}")
+        assert result["groups"] == {"NoneType"}, "the layers are back on their own group (WORLD, a BN group: None)"
+        state, ref = result["state"], expected[rank // group_size]
+        assert state.keys() == ref.keys()
+        for name, value in ref.items():
+            torch.testing.assert_close(state[name], value, **EXACT, msg=f"rank {rank} {name}")
+
+
+GROUPED_PLANS = {  # every batch of 2 or more: a rank alone (k = 1) normalizes it; alone, a rank may hold none
+    1: ((2, 2), (3,), (2, 4, 2), ()), 2: ((2, 2), (3,), (2, 4, 2), (5,)),
+}
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_bn_groups_under_join_train_as_one_process_normalizing_each_groups_active_ranks(gloo_group, group_size):
+    """Pairs: a joined rank shadows its own pair's steps while its peer trains, and leaves its layers
+    alone once the pair has ended while the other pair trains; alone (k = 1): no BN collective, DDP's
+    own joined ranks only, and a rank that holds no batch needs no example. The running statistics
+    differ between groups, by design, and the end-of-join check compares each group's only."""
+    plan = GROUPED_PLANS[group_size]
+    ranks = gloo_group(4).run(train_joined_on_rank, plan, "all_reduce", group_size)
+    assert all(result["group_sizes"] == {group_size} for result in ranks), "the layers keep their group_size"
+    assert_each_rank_ends_as_its_group(ranks, reference(plan, group_size), group_size)
+
+
+def resting_layer_on_rank(plan: tuple) -> dict:
+    """The body synchronized over the world; the aux head's BatchNorm alone on each rank."""
+    rank, network = dist.get_rank(), convert_sync_batchnorm(TwoHeads())
+    network.aux.group_size = 1
+    model = DistributedDataParallel(network, broadcast_buffers=False)
+    with syncbn.join(model):
+        for step, size in enumerate(plan[rank]):
+            x, y = batch(rank, step, size)
+            loss_of(model(x), y, 3).backward()  # through both heads
+        own = {name: buffer.clone() for name, buffer in network.aux.named_buffers()}
+    return dict(own=own, end=dict(network.aux.named_buffers()), body=network.body[0].num_batches_tracked.item())
+
+
+def test_a_joined_ranks_layer_with_no_peer_training_is_left_as_its_own_steps_left_it(gloo_group):
+    for rank, result in enumerate(gloo_group(2).run(resting_layer_on_rank, ((4, 3, 5), (2,)))):
+        assert result["body"] == 3, "the synchronized layers took every step"
+        for name, value in result["own"].items():
+            assert torch.equal(result["end"][name], value), f"rank {rank} aux {name}"
+        assert result["end"]["num_batches_tracked"].item() == (3, 1)[rank]
+
+
+@pytest.mark.parametrize("group_size", [1, None])
+def test_an_exception_inside_the_context_leaves_the_model_as_it_was(world_of_one, group_size):
+    """Also where no layer has a group to shadow (alone: nothing to twin)."""
+    model = convert_sync_batchnorm(TwoHeads(), group_size=group_size)
+    with pytest.raises(KeyError):
+        with syncbn.join(model):
+            raise KeyError("inside")
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert {(layer.process_group, layer.group_size) for layer in model.modules() if isinstance(layer, SyncBatchNorm)} \
+        == {(None, group_size)}
 
 
 @pytest.fixture
