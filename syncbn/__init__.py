@@ -2,6 +2,7 @@
 
 from syncbn.batchnorm import GhostBatchNorm, SyncBatchNorm, bn_groups, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.join import join, joinable
+from syncbn.precise import precise_bn
 
-__all__ = ["GhostBatchNorm", "SyncBatchNorm", "bn_groups", "convert_sync_batchnorm", "join", "joinable",
+__all__ = ["GhostBatchNorm", "SyncBatchNorm", "bn_groups", "convert_sync_batchnorm", "join", "joinable", "precise_bn",
            "revert_sync_batchnorm"]

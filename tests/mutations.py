@@ -298,6 +298,16 @@ MUTATIONS = [
              "            group = bn_groups(self.group_size) if dist.is_initialized() else None",
              "            group = dist.group.WORLD",
              ("tests/test_groups.py::test_each_group_is_batchnorm_on_its_groups_concatenated_batch",)),
+    Mutation("precise-not-merged-over-ranks", "syncbn/precise.py",
+             "    return group if dist.get_world_size(group) > 1 else None", "    return None",
+             ("tests/test_precise.py::test_over_ranks_it_is_one_process_population_of_the_whole_set",)),
+    Mutation("precise-empty-shard-divides-by-zero", "syncbn/precise.py", "n_b / n.clamp(min=1)", "n_b / n",
+             ("tests/test_precise.py::test_over_ranks_it_is_one_process_population_of_the_whole_set",)),
+    Mutation("precise-one-ranks-error-stays-its-own", "syncbn/precise.py",
+             "    if error is not None:\n        raise error\n", "",
+             ("tests/test_precise.py::test_one_ranks_bad_batch_is_every_ranks_error_not_a_hang",)),
+    Mutation("precise-measures-in-train-mode", "syncbn/precise.py", "    network.eval()\n", "",
+             ("tests/test_precise.py",)),
 ]
 
 

@@ -11,7 +11,7 @@ from app import ROOT
 
 PACKAGE = ROOT / "syncbn"
 LAYER = {"syncbn", "syncbn.functional", "syncbn.comm", "syncbn.batchnorm", "syncbn.cost", "syncbn.nccl_tuner",
-         "syncbn.join"}  # what a user imports into their own job
+         "syncbn.join", "syncbn.precise"}  # what a user imports into their own job
 # The floors, lowest first (docs/development.md draws them): a module imports from its own part or
 # from a floor below it, never up, never sideways. A new module must be given its place here.
 FLOORS = [
