@@ -332,14 +332,16 @@ def stop_rank_server() -> None:
     """For a process that leaves with ``os._exit`` once its ranks are done: stop the forkserver now
     (left alone it would notice, then spend a second tearing down its torch, holding the command's
     output open), and remove the temporary directory of its socket, which multiprocessing removes
-    only at an ordinary interpreter exit. A no-op where no server was started."""
+    only at an ordinary interpreter exit. A no-op where this process started no server: a rank
+    that fails leaves through here, and its launcher's server serves the launcher's next job."""
     pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
+    # A rank inherits its launcher's config, this directory's name with it: only its maker removes it.
     temporary = multiprocessing.process.current_process()._config.get("tempdir")
-    if temporary:
+    if temporary and Path(temporary).name.startswith(f"syncbn-rs-{os.getpid()}-"):
         shutil.rmtree(temporary, ignore_errors=True)
 
 

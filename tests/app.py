@@ -65,12 +65,18 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     from syncbn import train  # the app registers its config schema on import: only where it runs
 
     monkeypatch.setattr(sys, "argv", ["syncbn.train", *args])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    # What the app sets for its own process (--check's and --debug's variables, a rank's place read
+    # from SLURM's) would otherwise stay for every later test: a subprocess inheriting
+    # SYNCBN_CHECK_ONLY=1 checks its config and exits 0 without training.
+    environment = dict(os.environ)
     code = 0
     try:
         train.cli()
     except SystemExit as exit_:
         code = exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     return code, capsys.readouterr().err
 
 

@@ -18,6 +18,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.processes)
 
 
+RUN_CHANGING = ("SYNCBN_", "SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_run_variables():
+    """A test leaves no variable behind that changes what a later test's run does (the app run in
+    this process sets --check's, for one: every later ``python -m syncbn.train`` only checked)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(RUN_CHANGING)}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith(RUN_CHANGING)}
+    assert after == before, f"the test left these variables changed: {set(after.items()) ^ set(before.items())}"
+
+
 @pytest.fixture(scope="session")
 def gloo_group():
     """``gloo_group(world_size)``: a started group of that size, shared by every test of the session."""

@@ -166,6 +166,30 @@ def test_a_launchs_log_directory_left_by_a_killed_launcher_is_removed_by_the_nex
     assert not dead.exists() and alive.exists() and foreign.exists()
 
 
+STOP_FROM_A_RANK = """
+import multiprocessing, os
+from pathlib import Path
+from syncbn import distributed
+distributed.warm_start_method()
+directory = Path(multiprocessing.process.current_process()._config["tempdir"])
+child = os.fork()
+if child == 0:  # a rank: its launcher's config, the directory's name in it
+    distributed.stop_rank_server()
+    os._exit(0)
+os.waitpid(child, 0)
+kept = directory.is_dir()
+distributed.stop_rank_server()
+print(kept, directory.exists())
+"""
+
+
+def test_a_rank_leaving_through_stop_rank_server_leaves_its_launchers_socket_directory_alone():
+    """A failed rank leaves by ``exit_now``: its launcher's server, socket and all, must outlive it
+    for the launcher's next job (the directory went, and every later launch of the process failed)."""
+    done = subprocess.run([sys.executable, "-c", STOP_FROM_A_RANK], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "False"], done.stderr
+
+
 def test_the_rank_servers_children_are_silent_only_when_their_launcher_is_gone(capsys):
     """A rank the server starts unpickles its launcher's semaphores; where the launcher has ended and
     unlinked them, that FileNotFoundError says nothing (the launcher's line does); others print."""
