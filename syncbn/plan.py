@@ -15,7 +15,8 @@ import hydra
 from syncbn import distributed
 from syncbn.experiments import batch_size, study_plan, weight_scale
 from syncbn.training import data, loop, models, tracking
-from syncbn.training.config import Config, is_sweep, to_config, validate
+from syncbn.training.config import Config, is_sweep, to_config
+from syncbn.training.validation import validate
 from syncbn.training.resume import nothing_to_resume
 
 

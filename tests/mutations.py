@@ -35,6 +35,10 @@ def trainer(name: str) -> str:
     return f"tests/training/test_loop.py::{name}"
 
 
+def evaluation(name: str) -> str:
+    return f"tests/training/test_evaluation.py::{name}"
+
+
 def train(name: str) -> str:
     return f"tests/test_train.py::{name}"
 
@@ -308,6 +312,30 @@ MUTATIONS = [
              ("tests/test_precise.py::test_one_ranks_bad_batch_is_every_ranks_error_not_a_hang",)),
     Mutation("precise-measures-in-train-mode", "syncbn/precise.py", "    network.eval()\n", "",
              ("tests/test_precise.py",)),
+    Mutation("grouped-run-keeps-each-ranks-statistics", "syncbn/training/loop.py",
+             'member.norm == "bn" or (member.norm == "syncbn" and grouped)', 'member.norm == "bn"',
+             (evaluation("test_a_run_in_bn_groups_trains_as_the_fused_member_that_emulates_its_groups"),)),
+    Mutation("group-size-of-the-world-recorded", "syncbn/training/loop.py",
+             "    return member.bn_group or config.norm.group_size or world_size",
+             "    return config.norm.group_size or world_size",
+             (evaluation("test_a_run_in_bn_groups_trains_as_the_fused_member_that_emulates_its_groups"),)),
+    Mutation("groups-of-slices-not-interleaved", "syncbn/training/fused.py",
+             "return ranks.transpose(2, 3).reshape(self.size, groups * self.num_features, self.group, *spatial)",
+             "return input.reshape(self.size, groups * self.num_features, self.group, *spatial)",
+             ("tests/training/test_members.py::test_slices_in_bn_groups_are_synchronized_batchnorm_of_that_group_size_on_as_many_ranks",)),
+    Mutation("precise-statistics-kept-for-training", "syncbn/training/evaluation.py",
+             "        with running_statistics_kept(model.module):", "        if True:",
+             (evaluation("test_every_epochs_precise_metrics_leave_training_bit_for_bit_as_it_was"),)),
+    Mutation("batch-statistics-contiguous-shares", "syncbn/training/evaluation.py",
+             "mine = slice(start + ctx.rank, start + global_batch, ctx.world_size)",
+             "mine = slice(start + ctx.rank * (global_batch // ctx.world_size), start + (ctx.rank + 1) * (global_batch // ctx.world_size))",
+             (evaluation("test_batch_statistics_metrics_agree_across_world_sizes_and_emulation"),)),
+    Mutation("batch-statistics-in-eval-mode", "syncbn/training/evaluation.py",
+             "            module.train()\n", "            pass\n",
+             (evaluation("test_precise_and_batch_metrics_are_the_final_networks_computed_in_one_process"),)),
+    Mutation("precise-shard-of-rank-0", "syncbn/training/evaluation.py",
+             "self.images = dataset.tensors[0][ctx.rank :: ctx.world_size]", "self.images = dataset.tensors[0][:: ctx.world_size]",
+             (evaluation("test_precise_and_batch_metrics_are_the_final_networks_computed_in_one_process"),)),
 ]
 
 

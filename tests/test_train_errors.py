@@ -72,7 +72,7 @@ from syncbn.experiments.weight_scale import main as plot_main
     (["sweep.weight_scales=[0.1,-1]"], "sweep.weight_scales must all be > 0, got [0.1, -1.0]"),
     (["sweep.weight_scales=abc"], "sweep.weight_scales"),
     (["sweep.seeds=[a]"], "sweep.seeds"),
-    (["+experiment=weight_scale_sweep", "model=cnn", "sweep.bn_slices=[4]"], "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none"),
+    (["+experiment=weight_scale_sweep", "model=cnn", "sweep.bn_slices=[4]"], "sweep.bn_slices sizes the slices of per-rank BatchNorm members (norm=bn or sweep.norms with bn), or the ranks of sweep.bn_groups: the job has neither"),
     (["sweep.seeds=[0,1]", "norm=bn", "norm.ghost_slices=2"], "norm.ghost_slices emulates per-rank BatchNorm in a single run"),
     (["+experiment=batch_size_study_per_run", "sweep.seeds=[0,1]"], "the batch-size study (study.per_device_batch) trains single runs"),
     (["+experiment=batch_size_study", "sweep.seeds=[0,1]"], "study.per_device_batches makes its jobs' members itself"),

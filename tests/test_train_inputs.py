@@ -10,9 +10,11 @@ from dataclasses import is_dataclass
 import pytest
 from app import cli, read_metrics
 
-from syncbn.training.config import SEEDS, Config
+from syncbn.training.config import Config
+from syncbn.training.validation import SEEDS
 
-CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device", "logger.name", "train.precision"}
+CHOICES = {"norm.name", "optim.name", "data.name", "model.name", "train.dtype", "dist.backend", "dist.device", "logger.name", "train.precision",
+           "train.precise_bn"}
 FREE_TEXT = {"data.root"}  # any path names a place for the data
 
 

@@ -176,25 +176,38 @@ def batch_sizes(train_size: int, global_batch: int, world_size: int) -> list[int
                    for rank in range(world_size)})
 
 
+def group_sizes(train_size: int, global_batch: int, world_size: int, group_size: int) -> list[int]:
+    """The distinct numbers of samples a BN group of ``group_size`` consecutive ranks holds in a step."""
+    return sorted({sum(n // world_size + (rank < n % world_size) for rank in range(start, start + group_size))
+                   for n in global_batch_sizes(train_size, global_batch)
+                   for start in range(0, world_size, group_size)})
+
+
 def batch_problems(config: Config, world_size: int, train_size: int) -> Iterator[str]:
     """Batches the norm cannot take: one value per channel where BatchNorm normalizes over the
     batch (the MLP's features; a CNN's feature maps have H x W values), a batch ghost slices do
     not divide. Refused rather than dropped: a run trains on every sample it was given."""
-    sizes, norm = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm
-    norms = {member.norm for member in members(config)}
+    sizes, norm, job = batch_sizes(train_size, config.train.global_batch_size, world_size), config.norm, members(config)
     where = (f"data.train_size={train_size} in batches of train.global_batch_size={config.train.global_batch_size} "
              f"over {world_size} rank(s) gives per-rank batches of {', '.join(map(str, sizes))}")
-    slices = sorted({member.bn_slice for member in members(config) if member.bn_slice is not None})
-    per_channel = {"syncbn": global_batch_sizes(train_size, config.train.global_batch_size),
-                   "bn": slices or [s // (norm.ghost_slices or 1) for s in sizes]}
-    single = [name for name in sorted(norms) if 1 in per_channel.get(name, [])]
+    spans = {name: {m.bn_slice * (m.bn_group or 1) for m in job if m.norm == name and m.bn_slice is not None}
+             for name in ("bn", "syncbn")}  # the samples each emulated rank, or group of ranks, normalizes over
+    synchronized = (group_sizes(train_size, config.train.global_batch_size, world_size, norm.group_size)
+                    if norm.group_size else global_batch_sizes(train_size, config.train.global_batch_size))
+    per_channel = {"syncbn": {*synchronized, *spans["syncbn"]},
+                   "bn": spans["bn"] or {s // (norm.ghost_slices or 1) for s in sizes}}
+    single = [name for name in sorted({m.norm for m in job}) if 1 in per_channel.get(name, ())]
     if config.model.name == "mlp" and single:
         yield f"{where}: norm={single[0]} would normalize a single sample; pick sizes that leave 0 or at least 2"
     if norm.ghost_slices and any(s % norm.ghost_slices for s in sizes):
         yield f"{where}: norm.ghost_slices={norm.ghost_slices} must divide each of them"
-    uneven = [size for size in slices if any(s % size for s in sizes)]
+    uneven = sorted({(m.bn_slice, m.bn_group or 1) for m in job
+                     if m.bn_slice is not None and any(s % (m.bn_slice * (m.bn_group or 1)) for s in sizes)})
     if uneven:
-        yield f"{where}: sweep.bn_slices={uneven[0]} must divide each of them"
+        size, group = uneven[0]
+        what = (f"sweep.bn_slices={size}" if group == 1 else
+                f"sweep.bn_slices={size} times sweep.bn_groups={group} ({size * group} samples a group)")
+        yield f"{where}: {what} must divide each of them"
 
 
 def validate_batches(config: Config, world_size: int, train_size: int) -> None:
@@ -204,7 +217,15 @@ def validate_batches(config: Config, world_size: int, train_size: int) -> None:
         raise ConfigError(problem)
 
 
+def validate_test_set(config: Config, test_size: int) -> None:
+    """Refuse a batch-statistics evaluation that would have no whole test batch to normalize."""
+    if config.train.batch_stats_eval and test_size < config.train.global_batch_size:
+        raise ConfigError(f"train.batch_stats_eval normalizes whole test batches of train.global_batch_size="
+                          f"{config.train.global_batch_size}: the test set holds only {test_size} samples")
+
+
 def check(config: Config, world_size: int) -> None:
     """The data loads, and its batches are ones the job's norms can take at ``world_size``."""
-    train_set, _ = load(config.data)
+    train_set, test_set = load(config.data)
     validate_batches(config, world_size, len(train_set))
+    validate_test_set(config, len(test_set))

@@ -21,54 +21,76 @@ from syncbn.training.models import make_norm
 class SliceBatchNorm(GhostBatchNorm):
     """Per-rank BatchNorm of ranks that hold ``size`` samples, in one process: each slice of ``size``
     samples of the batch (``GhostBatchNorm``'s interleaved slices: samples r, r + S, r + 2S ... of S
-    slices, rank r's share) is normalized on its own, however many slices the batch holds.
+    slices, rank r's share) is normalized on its own, however many slices the batch holds. With
+    ``group`` k, BN groups of k such ranks, as ``SyncBatchNorm(group_size=k)`` synchronizes them:
+    slices 0..k-1, k..2k-1, ... are normalized together.
 
-    The S slices are normalized in one call, as S x C channels of a batch of ``size``: the batch
-    viewed as ``[size, S, C, ...]`` holds slice r at ``[:, r]``. Slicing the batch S times instead
-    would cost S full-size gradient buffers in backward. The running statistics follow slice 0, as
-    GhostBatchNorm's do."""
+    The S slices are normalized in one call, as S x C channels of a batch of ``size`` (groups: S / k
+    x C channels of a batch of k x ``size``): the batch viewed as ``[size, S, C, ...]`` holds slice r
+    at ``[:, r]``. Slicing the batch S times instead would cost S full-size gradient buffers in
+    backward. The running statistics follow slice 0 (group 0), as GhostBatchNorm's do, and as DDP's
+    broadcast of rank 0's buffers makes them on real ranks."""
 
-    def __init__(self, num_features: int, size: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+    def __init__(self, num_features: int, size: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 group: int = 1) -> None:
         super().__init__(num_features, 1, eps=eps, momentum=momentum)
-        self.size = size
+        self.size, self.group = size, group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
-        if input.size(0) % self.size:
-            raise ValueError(f"slices of {self.size} samples need a batch divisible by {self.size}, got {input.size(0)}")
-        slices = input.size(0) // self.size
-        if slices <= 1:  # one slice (or an empty rank's batch): plain BatchNorm
+        if input.size(0) % (self.size * self.group):
+            what = f"groups of {self.group} slices of {self.size}" if self.group > 1 else f"slices of {self.size}"
+            raise ValueError(f"{what} samples need a batch divisible by {self.size * self.group}, got {input.size(0)}")
+        groups = input.size(0) // (self.size * self.group)
+        if groups <= 1:  # one group (or an empty rank's batch): plain BatchNorm
             return super().forward(input)
         self._check_input_dim(input)
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        channels = input.reshape(self.size, slices * self.num_features, *input.shape[2:])
-        with torch.no_grad():  # slice 0's statistics into the running ones
+        channels = self._grouped(input, groups)
+        with torch.no_grad():  # group 0's statistics into the running ones
             F.batch_norm(channels[:, : self.num_features], self.running_mean, self.running_var, None, None, True,
                          momentum, self.eps)
-        weight, bias = (None if t is None else t.repeat(slices) for t in (self.weight, self.bias))
-        return F.batch_norm(channels, None, None, weight, bias, True, 0.0, self.eps).view_as(input)
+        weight, bias = (None if t is None else t.repeat(groups) for t in (self.weight, self.bias))
+        return self._ungrouped(F.batch_norm(channels, None, None, weight, bias, True, 0.0, self.eps), input)
+
+    def _grouped(self, input: torch.Tensor, groups: int) -> torch.Tensor:
+        """``[size, groups x C, group, ...]``: group g's channels at ``[:, g C : (g + 1) C]`` (a view
+        with ``group`` 1; a copy otherwise, its ranks' slices beside its samples)."""
+        spatial = input.shape[2:]
+        if self.group == 1:
+            return input.reshape(self.size, groups * self.num_features, *spatial)
+        ranks = input.reshape(self.size, groups, self.group, self.num_features, *spatial)
+        return ranks.transpose(2, 3).reshape(self.size, groups * self.num_features, self.group, *spatial)
+
+    def _ungrouped(self, output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        if self.group == 1:
+            return output.view_as(input)
+        spatial = input.shape[2:]
+        ranks = output.view(self.size, -1, self.num_features, self.group, *spatial)
+        return ranks.transpose(2, 3).reshape(input.shape)
 
 
-def block_norm(norm: NormConfig, count: int, width: int, images: bool, bn_slice: int | None) -> nn.Module:
+def block_norm(norm: NormConfig, count: int, width: int, images: bool, bn_slice: int | None,
+               bn_group: int | None = None) -> nn.Module:
     """The norm of ``count`` members of one norm, on their ``count x width`` channels side by side:
     BatchNorm over all of them normalizes each channel alone; a GroupNorm of ``count`` times the
     groups keeps each member's groups (a CNN's LayerNorm is one group) apart."""
-    if norm.name == "bn" and bn_slice is not None:
-        return SliceBatchNorm(count * width, bn_slice, eps=norm.eps, momentum=norm.momentum)
+    if norm.name in ("bn", "syncbn") and bn_slice is not None:  # per-rank BN; synchronized BN in groups
+        return SliceBatchNorm(count * width, bn_slice, eps=norm.eps, momentum=norm.momentum, group=bn_group or 1)
     if images and norm.name in ("layernorm", "groupnorm"):
         groups = 1 if norm.name == "layernorm" else norm.num_groups
         return nn.GroupNorm(count * groups, count * width, eps=norm.eps)
     return make_norm(norm, count * width, images)
 
 
-def norm_blocks(members: list[Member]) -> list[tuple[str, int | None, int, int]]:
-    """``(norm, bn_slice, start, stop)`` for each run of consecutive members sharing a norm module."""
+def norm_blocks(members: list[Member]) -> list[tuple[str, int | None, int | None, int, int]]:
+    """``(norm, bn_slice, bn_group, start, stop)`` for each run of consecutive members sharing a norm module."""
     blocks, start = [], 0
-    for (name, bn_slice), group in itertools.groupby((member.norm, member.bn_slice) for member in members):
+    for (name, bn_slice, bn_group), group in itertools.groupby((m.norm, m.bn_slice, m.bn_group) for m in members):
         stop = start + len(list(group))
-        blocks.append((name, bn_slice, start, stop))
+        blocks.append((name, bn_slice, bn_group, start, stop))
         start = stop
     return blocks
 

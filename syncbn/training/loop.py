@@ -31,8 +31,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from syncbn.distributed import DistContext, all_reduce_sum, broadcast_buffers_from_main
 from syncbn.errors import ConfigError
 from syncbn.training import checkpoint, data, stopping, tracking
-from syncbn.training.config import Config, FaultConfig, OptimConfig, TrainConfig, members
-from syncbn.training.evaluation import evaluate, member_logits
+from syncbn.training.config import Config, FaultConfig, Member, OptimConfig, TrainConfig, members
+from syncbn.training.evaluation import evaluate_every_way, member_logits
 from syncbn.training.members import build_network
 from syncbn.training.records import MetricsLog, log_epoch
 from syncbn.training.resume import Checkpoints, Progress
@@ -98,6 +98,16 @@ def member_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return losses.view(size, labels.numel()).sum(1)
 
 
+def bn_group_size(member: Member, config: Config, world_size: int) -> int | None:
+    """How many ranks share each BatchNorm statistic of ``member`` (per-rank BN: 1; the job's ranks,
+    or its emulated ones); None for a member without BatchNorm."""
+    if member.norm == "bn":
+        return 1
+    if member.norm != "syncbn":
+        return None
+    return member.bn_group or config.norm.group_size or world_size
+
+
 def fault_step(fault: FaultConfig, rank: int) -> int | None:
     """The global step after which this rank is to SIGKILL itself: only on the launcher's first attempt."""
     first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0
@@ -136,7 +146,10 @@ class Training:
         torch.manual_seed(config.seed)
         self.members = members(config)
         self.train_set, self.test_set = data.load(config.data)
-        self.has_bn = any(member.norm == "bn" for member in self.members)
+        # Per-rank BN, or BN groups smaller than the world: the ranks' running statistics differ, and are
+        # rank 0's, as DDP's broadcast of its buffers before every forward makes them (resumable exactly).
+        grouped = config.norm.group_size not in (None, ctx.world_size)
+        self.has_bn = any(member.norm == "bn" or (member.norm == "syncbn" and grouped) for member in self.members)
         network = build_network(config)
         if config.train.compile:
             # The network, in place, inside DDP: one graph of the whole network (DDP's optimizer splits
@@ -219,8 +232,9 @@ class Training:
     def evaluate(self, totals: torch.Tensor) -> list[dict]:
         if self.has_bn:  # per-rank running statistics: evaluate with rank 0's, as DDP's users do
             broadcast_buffers_from_main(self.model)
-        return evaluate(self.model, (self.train_set, self.test_set), self.ctx, totals,
-                        self.config.train.eval_batch_size, self.dtype)
+        final = self.progress.epoch == self.config.train.epochs
+        return evaluate_every_way(self.model, (self.train_set, self.test_set), self.ctx, totals, self.config.train,
+                                  self.dtype, final)
 
     def finish_epoch(self, totals: torch.Tensor, start: float) -> list[dict]:
         """The epoch's records of the members still training; a member whose loss is no longer
@@ -231,8 +245,9 @@ class Training:
         for index, member in enumerate(self.members):
             if index in progress.diverged:
                 continue
-            records.append(dict(member.record(), world_size=self.ctx.world_size, epoch=progress.epoch, **metrics[index],
-                                seconds=seconds))
+            records.append(dict(member.record(), world_size=self.ctx.world_size,
+                                group_size=bn_group_size(member, self.config, self.ctx.world_size), epoch=progress.epoch,
+                                **metrics[index], seconds=seconds))
             if metrics[index]["diverged"]:
                 progress.diverged.append(index)
         progress.history += records

@@ -25,7 +25,8 @@ class MemberNorm(nn.Module):
     layernorm / groupnorm: each sample's C values (in groups) of each member, with its own affine.
     """
 
-    def __init__(self, norm: NormConfig, count: int, width: int, bn_slice: int | None = None) -> None:
+    def __init__(self, norm: NormConfig, count: int, width: int, bn_slice: int | None = None,
+                 bn_group: int | None = None) -> None:
         super().__init__()
         self.name, self.count, self.width = norm.name, count, width
         self.groups = {"layernorm": 1, "groupnorm": norm.num_groups}.get(norm.name)
@@ -34,7 +35,7 @@ class MemberNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(count, 1, width))
             self.bias = nn.Parameter(torch.zeros(count, 1, width))
         else:
-            self.batch_norm = block_norm(norm, count, width, False, bn_slice)
+            self.batch_norm = block_norm(norm, count, width, False, bn_slice, bn_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         count, batch, width = h.shape
@@ -58,8 +59,8 @@ class MemberMLP(FusedMembers):
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(size, i, o)) for i, o in itertools.pairwise(widths))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(size, 1, o)) for o in widths[1:])
         self.norms = nn.ModuleList(
-            nn.ModuleList(MemberNorm(replace(norm, name=name), stop - start, width, bn_slice)
-                          for name, bn_slice, start, stop in self.blocks)
+            nn.ModuleList(MemberNorm(replace(norm, name=name), stop - start, width, bn_slice, bn_group)
+                          for name, bn_slice, bn_group, start, stop in self.blocks)
             for width in model.hidden
         )
         self.dropout = model.dropout
@@ -110,8 +111,8 @@ class MemberCNN(FusedMembers):
             for layer, (c_in, c_out) in enumerate(itertools.pairwise(widths))
         )
         self.norms = nn.ModuleList(
-            nn.ModuleList(block_norm(replace(norm, name=name), stop - start, width, True, bn_slice)
-                          for name, bn_slice, start, stop in self.blocks)
+            nn.ModuleList(block_norm(replace(norm, name=name), stop - start, width, True, bn_slice, bn_group)
+                          for name, bn_slice, bn_group, start, stop in self.blocks)
             for width in model.hidden
         )
         side = CNN_SIDES[len(model.hidden) - 1] // 2

@@ -17,7 +17,7 @@ CLASSES = 10
 def make_norm(norm: NormConfig, width: int, images: bool = False) -> nn.Module:
     """The norm layer after a Linear of ``width`` outputs, or a conv of ``width`` channels."""
     if norm.name == "syncbn":
-        return SyncBatchNorm(width, eps=norm.eps, momentum=norm.momentum)
+        return SyncBatchNorm(width, eps=norm.eps, momentum=norm.momentum, group_size=norm.group_size)
     if norm.name == "bn" and norm.ghost_slices:
         return GhostBatchNorm(width, norm.ghost_slices, eps=norm.eps, momentum=norm.momentum)
     if norm.name == "bn":

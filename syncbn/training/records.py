@@ -25,10 +25,14 @@ class MetricsLog:
                 f.write("".join(json.dumps(record) + "\n" for record in records))
 
 
+EVALUATIONS = ("batch_test_acc", "precise_train_acc", "precise_test_acc")  # where train.* asks for them
+
+
 def _name(record: dict) -> str:
-    """A member as its records name it: norm (and slice size), weight scale, seed."""
+    """A member as its records name it: norm (slice size, group), weight scale, seed."""
     slice_ = f" slice {record['bn_slice']}" if "bn_slice" in record else ""
-    return f"{record['norm']}{slice_} scale {record['weight_scale']:.3g} seed {record['seed']}"
+    group = f" group {record['bn_group']}" if "bn_group" in record else ""
+    return f"{record['norm']}{slice_}{group} scale {record['weight_scale']:.3g} seed {record['seed']}"
 
 
 def epoch_summary(records: list[dict], epochs: int) -> str:
@@ -53,5 +57,6 @@ def log_epoch(records: list[dict], epochs: int, members: int) -> None:
         log.warning("epoch %d: the training loss is not finite; the run diverged and stops here", records[0]["epoch"])
     else:
         record = records[0]
-        log.info("epoch %d/%d  train_acc %.4f  test_acc %.4f  train_loss %.4f  (%.2fs)", record["epoch"], epochs,
-                 record["train_acc"], record["test_acc"], record["train_loss"], record["seconds"])
+        others = "".join(f"  {name} {record[name]:.4f}" for name in EVALUATIONS if name in record)
+        log.info("epoch %d/%d  train_acc %.4f  test_acc %.4f%s  train_loss %.4f  (%.2fs)", record["epoch"], epochs,
+                 record["train_acc"], record["test_acc"], others, record["train_loss"], record["seconds"])

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from syncbn.distributed import DistContext
 from syncbn.errors import ConfigError
 from syncbn.training.config import Config, LoggerConfig
+from syncbn.training.records import EVALUATIONS
 
 CURVES = ("train_loss", "train_acc", "test_acc")
 
@@ -28,9 +29,11 @@ def check(config: LoggerConfig) -> None:
 
 
 def member_tag(record: dict) -> str:
-    """A member's name as a TensorBoard tag prefix: ``syncbn_slice_4_scale_0.1_seed_0``."""
+    """A member's name as a TensorBoard tag prefix: ``bn_slice_4_scale_0.1_seed_0``,
+    ``syncbn_slice_4_group_2_scale_0.1_seed_0``."""
     slice_ = f"_slice_{record['bn_slice']}" if record.get("bn_slice") is not None else ""
-    return f"{record['norm']}{slice_}_scale_{record['weight_scale']:.3g}_seed_{record['seed']}"
+    group = f"_group_{record['bn_group']}" if record.get("bn_group") is not None else ""
+    return f"{record['norm']}{slice_}{group}_scale_{record['weight_scale']:.3g}_seed_{record['seed']}"
 
 
 class TensorBoardLog:
@@ -47,7 +50,7 @@ class TensorBoardLog:
 
     def append(self, records: list[dict]) -> None:
         for record in records:
-            for curve in CURVES:
+            for curve in (*CURVES, *(name for name in EVALUATIONS if name in record)):
                 if record[curve] is not None:  # a diverged member's loss: none to plot, its accuracies still
                     self.writer.add_scalar(f"{member_tag(record)}/{curve}", record[curve], record["epoch"])
             self.writer.add_scalar(f"{member_tag(record)}/diverged", float(record["diverged"]), record["epoch"])

@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from syncbn.training.config import Config, ConfigError, Member, is_sweep, members, register, to_config, validate
+from syncbn.training.config import Config, ConfigError, Member, is_sweep, members, register, to_config
+from syncbn.training.validation import validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -213,10 +214,47 @@ BOUNDARIES = [
     (["sweep.bn_slices=[4,0]", "norm=bn"], 1, "sweep.bn_slices must all be >= 1 (samples per slice), got [4, 0]"),
     (["sweep.bn_slices=[1]", "norm=bn"], 1, None),  # a CNN's slice of one sample has H x W values: data.check decides
     (["sweep.bn_slices=[4]", "sweep.norms=[syncbn,none]"], 1,
-     "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"),
+     "sweep.bn_slices sizes the slices of per-rank BatchNorm members (norm=bn or sweep.norms with bn), or the ranks of "
+     "sweep.bn_groups: the job has neither"),
     (["sweep.bn_slices=[4]", "norm=bn", "sweep.norms=[syncbn,none]"], 1,
-     "sweep.bn_slices sizes the slices of per-rank BatchNorm members: the job has none (norm=bn or sweep.norms with bn)"),
+     "sweep.bn_slices sizes the slices of per-rank BatchNorm members (norm=bn or sweep.norms with bn), or the ranks of "
+     "sweep.bn_groups: the job has neither"),
     (["sweep.bn_slices=[4]", "norm=syncbn", "sweep.norms=[none,bn]"], 1, None),
+    # BN groups: real ones (norm.group_size), emulated ones (sweep.bn_groups)
+    (["norm=syncbn", "norm.group_size=1"], 4, None), (["norm=syncbn", "norm.group_size=2"], 4, None),
+    (["norm=syncbn", "norm.group_size=4"], 4, None),
+    (["norm=syncbn", "norm.group_size=3"], 4, "norm.group_size=3 must be >= 1 and divide the world size 4 (the groups are "
+                                              "ranks 0..k-1, k..2k-1, ...)"),
+    (["norm=syncbn", "norm.group_size=8"], 4, "norm.group_size=8 must be >= 1 and divide the world size 4 (the groups are "
+                                              "ranks 0..k-1, k..2k-1, ...)"),
+    (["norm=syncbn", "norm.group_size=0"], 4, "norm.group_size=0 must be >= 1 and divide the world size 4 (the groups are "
+                                              "ranks 0..k-1, k..2k-1, ...)"),
+    (["norm=bn", "norm.group_size=2"], 2,
+     "norm.group_size makes BN groups of synchronized BatchNorm and needs norm=syncbn, got norm=bn"),
+    (["norm=bn", "norm.group_size=2", "sweep.norms=[bn,syncbn]"], 2, None),
+    (["norm=syncbn", "sweep.bn_groups=[2]"], 1,
+     "sweep.bn_groups emulates BN groups of synchronized BatchNorm members over ranks of sweep.bn_slices samples: it "
+     "needs norm=syncbn (or sweep.norms with syncbn) and sweep.bn_slices"),
+    (["norm=bn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2]"], 1,
+     "sweep.bn_groups emulates BN groups of synchronized BatchNorm members over ranks of sweep.bn_slices samples: it "
+     "needs norm=syncbn (or sweep.norms with syncbn) and sweep.bn_slices"),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2]"], 1, None),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2,10]"], 1, None),  # 50: less than 100, a divisor
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[3]"], 1,
+     "sweep.bn_groups=3: with no slice size of sweep.bn_slices=[5] is a group of 3 ranks smaller than "
+     "train.global_batch_size=100 and a divisor of it"),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[20]"], 1,
+     "sweep.bn_groups=20: with no slice size of sweep.bn_slices=[5] is a group of 20 ranks smaller than "
+     "train.global_batch_size=100 and a divisor of it"),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[0]"], 1, "sweep.bn_groups must all be >= 1, got [0]"),
+    (["norm=syncbn", "sweep.bn_slices=[0]", "sweep.bn_groups=[2]"], 1,
+     "sweep.bn_slices must all be >= 1 (samples per slice), got [0]"),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[]"], 1,
+     "sweep.bn_groups must list at least one value, or be null (the single run's value), got []"),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2,2]"], 1, "sweep.bn_groups lists a value twice: [2, 2]"),
+    # evaluation
+    (["train.precise_bn=final"], 1, None), (["train.precise_bn=every_epoch"], 1, None),
+    (["train.precise_bn=sometimes"], 1, "train.precise_bn must be one of off, final, every_epoch, got 'sometimes'"),
     (["train.precision=fp16", "sweep.seeds=[0,1]"], 1,
      "train.precision=fp16 trains one network: its gradient scaler skips every member's step when one member's "
      "gradients overflow; a sweep or study takes bf16"),

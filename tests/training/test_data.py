@@ -8,6 +8,7 @@ import torch
 from app import compose_config, free_port
 from idx import write_idx
 from syncbn.errors import ConfigError
+from syncbn.training import data
 from syncbn.training.data import (DataError, RankBatches, batch_sizes, load_mnist, load_mnist5k, read_mnist5k,
                                   validate_batches)
 
@@ -185,6 +186,19 @@ def _batch_refusal(overrides: list[str], world_size: int, train_size: int) -> st
     (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[50,25]"], 2, 1000, None),
     (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[100]"], 2, 1000, "sweep.bn_slices=100 must divide each of them"),
     (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[2]"], 2, 1002, "sweep.bn_slices=2 must divide each of them"),
+    # BN groups: synchronized members over groups of k emulated ranks of b samples (a span of b x k)
+    (["sweep.norms=[syncbn]", "sweep.bn_slices=[25]", "sweep.bn_groups=[2]"], 1, 1000, None),
+    (["sweep.norms=[syncbn]", "sweep.bn_slices=[25]", "sweep.bn_groups=[2]"], 1, 1010,
+     "sweep.bn_slices=25 times sweep.bn_groups=2 (50 samples a group) must divide each of them"),
+    (["sweep.norms=[syncbn]", "sweep.bn_slices=[1]", "sweep.bn_groups=[1,2]"], 1, 1000,
+     "norm=syncbn would normalize a single sample"),  # a group of one rank of one sample
+    (["sweep.norms=[syncbn]", "sweep.bn_slices=[1]", "sweep.bn_groups=[2]"], 1, 1000, None),
+    (["sweep.norms=[syncbn,bn]", "sweep.bn_slices=[2]", "sweep.bn_groups=[5]"], 1, 1000, None),
+    # norm.group_size: a real group of ranks, its last batch counted over the group's ranks
+    (["norm.group_size=2"], 4, 1002, None),  # a last batch on ranks of 1, 1, 0, 0: groups of 2 and 0
+    (["norm.group_size=2"], 4, 1003, "norm=syncbn would normalize a single sample"),  # 1, 1, 1, 0: 2 and 1
+    (["norm.group_size=2"], 4, 1005, None),  # ranks of 2, 1, 1, 1: groups of 3 and 2
+    (["norm.group_size=4"], 4, 1001, "norm=syncbn would normalize a single sample"),
 ])
 def test_batches_a_norm_cannot_take_are_refused_naming_the_norm_and_the_sizes(overrides, world_size, train_size, refused):
     message = _batch_refusal(overrides, world_size, train_size)
@@ -196,3 +210,12 @@ def test_batches_a_norm_cannot_take_are_refused_naming_the_norm_and_the_sizes(ov
         refused += "; pick sizes that leave 0 or at least 2"
     assert message == (f"data.train_size={train_size} in batches of train.global_batch_size=100 over {world_size} "
                        f"rank(s) gives per-rank batches of {sizes}: {refused}")
+
+
+def test_a_batch_statistics_evaluation_needs_one_whole_test_batch_of_the_global_batch_size():
+    asked = compose_config("train.batch_stats_eval=true")
+    with pytest.raises(ConfigError, match=r"^train.batch_stats_eval normalizes whole test batches of "
+                                          r"train.global_batch_size=100: the test set holds only 99 samples$"):
+        data.validate_test_set(asked, 99)
+    data.validate_test_set(asked, 100)
+    data.validate_test_set(compose_config(), 0)

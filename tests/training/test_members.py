@@ -198,3 +198,70 @@ def test_the_fused_cnns_pool_is_max_pool_bit_for_bit_with_ties_nan_and_infinitie
     max_pool2x2(mine).backward(gradient)
     F.max_pool2d(theirs, 2).backward(gradient)
     assert torch.equal(mine.grad.nan_to_num(7.0), theirs.grad.nan_to_num(7.0))
+
+
+def grouped_layer_on_rank(x: torch.Tensor, dy: torch.Tensor, group_size: int) -> dict:
+    """SyncBatchNorm(group_size) on this rank's interleaved slice of the batch (samples r, r + W, ...)."""
+    import torch.distributed as dist
+
+    from syncbn import SyncBatchNorm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    layer = SyncBatchNorm(x.size(1), momentum=0.3, group_size=group_size).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    mine = x[rank::world].clone().requires_grad_()
+    out = layer(mine)
+    out.backward(dy[rank::world])
+    return dict(out=out.detach(), grad=mine.grad, weight_grad=layer.weight.grad, running_mean=layer.running_mean,
+                running_var=layer.running_var)
+
+
+@pytest.mark.parametrize("group,size", [(2, 3), (4, 2), (1, 3)])
+def test_slices_in_bn_groups_are_synchronized_batchnorm_of_that_group_size_on_as_many_ranks(gloo_group, group, size):
+    """A batch of 4 slices of ``size`` samples (4 ranks), groups of ``group`` slices: outputs, input and
+    weight gradients as SyncBatchNorm(group_size=group) gives on 4 real ranks each holding its slice,
+    and the running statistics as rank 0's (float64, 1e-12)."""
+    torch.manual_seed(1)
+    x, dy = torch.randn(4 * size, 3, dtype=torch.float64) * 3 + 1, torch.randn(4 * size, 3, dtype=torch.float64)
+    ranks = gloo_group(4).run(grouped_layer_on_rank, x, dy, group)
+    torch.manual_seed(0)
+    layer = SliceBatchNorm(3, size, momentum=0.3, group=group).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+    mine = x.clone().requires_grad_()
+    out = layer(mine)
+    out.backward(dy)
+    for r, rank in enumerate(ranks):
+        torch.testing.assert_close(out[r::4].detach(), rank["out"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(mine.grad[r::4], rank["grad"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, sum(rank["weight_grad"] for rank in ranks), rtol=0, atol=1e-12)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer, name), ranks[0][name], rtol=0, atol=1e-12)
+
+
+def test_groups_of_slices_a_batch_they_do_not_divide_are_refused_naming_both_sizes():
+    with pytest.raises(ValueError, match=r"^groups of 2 slices of 3 samples need a batch divisible by 6, got 9$"):
+        SliceBatchNorm(3, 3, group=2)(torch.rand(9, 3))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_grouped_syncbn_members_normalize_each_group_of_slices_alone(model):
+    """A member of groups of k slices of b samples is the standalone network whose BatchNorms see each
+    group's samples alone: the batch of 16 run group by group through a network in train mode equals
+    the member's rows (float64, 1e-12); the whole-batch syncbn member stays the plain network."""
+    config = sweep_config(model, "sweep.norms=[syncbn]", "sweep.bn_slices=[2,4,8]", "sweep.bn_groups=[2]",
+                          "train.global_batch_size=16")
+    assert [(m.bn_slice, m.bn_group) for m in members(config)] == [(None, None)] * 4 + [(2, 2)] * 4 + [(4, 2)] * 4, "no group as large as the batch"
+    fused, images = build_network(config), torch.rand(16, 1, 28, 28, dtype=torch.float64)
+    logits = fused(images)
+    for index, member in enumerate(members(config)):
+        network = standalone(config, replace(member, norm="bn"))
+        if member.bn_slice is None:
+            torch.testing.assert_close(logits[index], network(images), rtol=0, atol=1e-12)
+            continue
+        slices = 16 // member.bn_slice
+        for group in range(slices // member.bn_group):
+            rows = [i for i in range(16) if (i % slices) // member.bn_group == group]
+            torch.testing.assert_close(logits[index][rows], network(images[rows]), rtol=0, atol=1e-12)

@@ -17,6 +17,7 @@ from syncbn.training.config import LoggerConfig
 
 SWEEP = ["+experiment=weight_scale_sweep", "sweep.weight_scales=[10.0,0.01]", "train.epochs=3",
          "data.train_size=200"]  # without a norm, the 5 x 100 MLP at scale 10 overflows in epoch 1
+EVALUATED = ["train.precise_bn=every_epoch", "train.batch_stats_eval=true"]  # their curves too, diverged members
 
 
 def events(run_dir) -> EventAccumulator:
@@ -33,7 +34,7 @@ def expected_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """What the event files must hold: each metric as float32, the one width TensorBoard stores."""
     expected = {}
     for record in records:
-        for curve in tracking.CURVES:
+        for curve in (*tracking.CURVES, *(name for name in tracking.EVALUATIONS if name in record)):
             if record[curve] is not None:
                 expected.setdefault(f"{tracking.member_tag(record)}/{curve}", []).append(
                     (record["epoch"], float(np.float32(record[curve]))))
@@ -49,7 +50,8 @@ def expected_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tensorboard") / "run"
-    run([sys.executable, "-m", "syncbn.train", *SWEEP, "dist.nproc=2", "logger=tensorboard", f"hydra.run.dir={run_dir}"])
+    run([sys.executable, "-m", "syncbn.train", *SWEEP, *EVALUATED, "dist.nproc=2", "logger=tensorboard",
+         f"hydra.run.dir={run_dir}"])
     return run_dir
 
 
@@ -62,7 +64,16 @@ def test_every_members_curves_are_the_metrics_of_each_epoch_a_diverged_ones_with
     found = curves(events(sweep_run))
     assert found["none_scale_10_seed_0/diverged"] == [(1, 1.0)] and "none_scale_10_seed_0/train_loss" not in found
     assert found["none_scale_10_seed_0/test_acc"] == [(1, float(np.float32(diverged["test_acc"])))]
+    assert {len(found[f"syncbn_scale_0.01_seed_0/{name}"]) for name in tracking.EVALUATIONS} == {3}
     assert found == expected_curves(records)
+
+
+def test_members_that_differ_only_in_their_bn_group_have_tags_of_their_own():
+    names = dict(norm="syncbn", weight_scale=0.1, seed=0)
+    tags = [tracking.member_tag(dict(names, **layout)) for layout in
+            ({}, {"bn_slice": 4}, {"bn_slice": 4, "bn_group": 2}, {"bn_slice": 4, "bn_group": 8})]
+    assert tags == ["syncbn_scale_0.1_seed_0", "syncbn_slice_4_scale_0.1_seed_0", "syncbn_slice_4_group_2_scale_0.1_seed_0",
+                    "syncbn_slice_4_group_8_scale_0.1_seed_0"]
 
 
 def test_the_config_is_written_as_text(sweep_run):
