@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from torch.distributed import run as torchrun
-from torch.distributed.elastic.rendezvous import RendezvousError
+from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
 
 from syncbn import distributed, endings, train
 
@@ -90,10 +90,15 @@ def check(world_size: int, overrides: list[str]) -> int:
 @contextlib.contextmanager
 def peers_gone(run_dir: Path, resume: str) -> Iterator[None]:
     """Another node's torchrun, which held the rendezvous, ended (stopped, killed): this one's agent
-    loses the store it shares with it. One line, which says where training stopped, not torch's
-    traceback of its store client."""
+    loses the store it shares with it; or the other nodes never joined. One line, which says where
+    training stopped, not torch's traceback of its store client."""
     try:
         yield
+    except RendezvousTimeoutError:  # their launchers ended before it, or never started
+        print("syncbn.train: error: the other nodes did not join the rendezvous within its join timeout "
+              f"(JOIN_TIMEOUT_S of launch/multinode.sh, 600 s by default): training stopped "
+              f"{endings.where_training_stopped(run_dir, resume)}", file=sys.stderr)
+        sys.exit(1)
     except RendezvousError as error:
         print(f"syncbn.train: error: the rendezvous with the other nodes is gone ({type(error).__name__}): every "
               f"node stopped {endings.where_training_stopped(run_dir, resume)}", file=sys.stderr)

@@ -134,7 +134,8 @@ class Launch:
         if self.launcher == "torchrun":
             return [(["bash", "launch/torchrun.sh", "--standalone", "--nproc-per-node=2", "--", *overrides], {})]
         if self.launcher == "multinode":
-            node = {"HEAD": f"localhost:{_free_port()}", "NNODES": "2", "RUN_ID": self.tag, "OMP_NUM_THREADS": "1"}
+            node = {"HEAD": f"localhost:{_free_port()}", "NNODES": "2", "RUN_ID": self.tag, "OMP_NUM_THREADS": "1",
+                    "JOIN_TIMEOUT_S": str(TIMEOUT_S)}  # a node whose peer died before the rendezvous waits this long
             return [(["bash", "launch/multinode.sh", *overrides], node)] * 2
         return [(["sbatch", "--parsable", f"--output={self.run_dir}.out", "launch/slurm.sbatch", *overrides],
                  {"SLURM_CONF": self.cluster.env["SLURM_CONF"]})]
@@ -148,7 +149,9 @@ class Launch:
     def inject(self, kind: str, rng: random.Random) -> str:
         """The fault; what it hit."""
         if kind in ("kill_rank", "stop_rank"):
-            found = ranks(self.tag)
+            deadline = time.monotonic() + 30  # a moment in the start-up: the first rank to start
+            while not (found := ranks(self.tag)) and time.monotonic() < deadline and not self.ended():
+                time.sleep(0.05)
             if not found:
                 return "no rank yet"
             pid = rng.choice(found)
@@ -164,6 +167,11 @@ class Launch:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
         return f"launcher pid {pid}"
+
+    def ended(self) -> bool:
+        if self.launcher == "slurm":
+            return self.cluster.state(self.job) not in {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING"}
+        return all(process.poll() is not None for process in self.processes)
 
     def wait(self, timeout: float) -> bool:
         """Whether the attempt ended within ``timeout`` (a SLURM job: left the queue)."""

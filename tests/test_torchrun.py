@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app import ROOT, read_metrics, run
+from app import ROOT, free_port, read_metrics, run
 from torch.distributed import run as torch_run
 
 from syncbn import torchrun
@@ -198,3 +198,19 @@ def test_the_rendezvous_of_another_node_gone_is_one_line_saying_where_training_s
     assert capsys.readouterr().err.splitlines() == [
         f"syncbn.train: error: the rendezvous with the other nodes is gone (RendezvousConnectionError): every node "
         f"stopped before the first checkpoint; {tmp_path} has nothing to resume"]
+
+
+def test_a_node_whose_peers_never_join_ends_after_the_join_timeout_in_one_line(tmp_path):
+    """launch/multinode.sh with NNODES=2 started once (the other node's launcher died before the
+    rendezvous): JOIN_TIMEOUT_S=5 ends it in 5 s plus start-up (measured: 10 s on 2 cores), not
+    torch's 600."""
+    run_dir = tmp_path / "run"
+    env = {**ENV, "HEAD": f"localhost:{free_port()}", "NNODES": "2", "RUN_ID": "alone", "JOIN_TIMEOUT_S": "5",
+           "SYNCBN_RUN_DIR": str(run_dir)}
+    start = time.monotonic()
+    done = run(["bash", "launch/multinode.sh", "train.epochs=1"], timeout=120, check=False, **env)
+    assert time.monotonic() - start < 60
+    assert (done.returncode, done.stderr.splitlines()) == (1, [
+        "syncbn.train: error: the other nodes did not join the rendezvous within its join timeout (JOIN_TIMEOUT_S "
+        f"of launch/multinode.sh, 600 s by default): training stopped before the first checkpoint; {run_dir} has "
+        "nothing to resume"])
