@@ -6,8 +6,10 @@ instead of left pending.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -98,16 +100,33 @@ def sbin(name: str) -> str:
 @dataclass
 class Daemons:
     processes: list[subprocess.Popen]
+    conf: str = ""  # their SLURM_CONF, which the job steps' slurmstepd inherit
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.terminate()
+        # A step's slurmstepd can outlive slurmd, idle, when its job was cancelled mid-step: the chaos
+        # runs found them after the cluster was gone. Those of this cluster go with it.
+        for pid in steps_of(self.conf):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for process in reversed(self.processes):
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def steps_of(conf: str) -> list[int]:
+    """The slurmstepd processes of the cluster whose config is ``conf``."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if (Path(environ.parent, "comm").read_text().startswith("slurmstepd")
+                    and f"SLURM_CONF={conf}".encode() in environ.read_bytes().split(b"\0")):
+                found.append(int(environ.parent.name))
+    return found if conf else []
 
 
 def start(home: Path) -> tuple[Cluster, Daemons]:
@@ -126,7 +145,7 @@ def start(home: Path) -> tuple[Cluster, Daemons]:
         [sbin("slurmctld"), "-D", "-i", "-f", str(config)],
         [sbin("slurmd"), "-D", "-f", str(config)],
     ]
-    daemons = Daemons([])
+    daemons = Daemons([], str(config))
     cluster = Cluster(home, env)
     deadline = time.monotonic() + START_S
     try:
@@ -161,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     ``sbatch launch/slurm.sbatch`` on this machine (as root, with Debian's slurmctld, slurmd,
     slurm-client and munge installed); start prints the ``export SLURM_CONF=...`` to run first."""
     import argparse
-    import signal
 
     parser = argparse.ArgumentParser(prog="python -m tests.slurm_cluster", description=main.__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop"))

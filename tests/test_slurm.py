@@ -5,6 +5,9 @@ bit, a requeued job resumed exactly, ``scancel`` ending every rank with a resuma
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import re
 import sys
 import time
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+import slurm_cluster
 from app import ROOT, read_metrics, run, strip
 
 from syncbn import slurm
@@ -311,3 +315,20 @@ def test_submitits_tasks_get_their_threads_and_an_in_process_multirun_keeps_ever
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     slurm.TaskThreads().on_multirun_start(OmegaConf.create({"hydra": {"launcher": launcher}}))
     assert os.environ.get("OMP_NUM_THREADS") == expected
+
+
+def test_stopping_the_cluster_ends_its_leftover_job_steps_and_no_other_clusters(tmp_path):
+    """An idle slurmstepd (its job cancelled mid-step) outlived the daemons: stop() ends those that carry
+    this cluster's SLURM_CONF, and leaves another cluster's alone."""
+    stepd = tmp_path / "slurmstepd"
+    shutil.copy(shutil.which("sleep"), stepd)
+    ours, theirs = (subprocess.Popen([str(stepd), "60"], env={"SLURM_CONF": conf}) for conf in ("/a/slurm.conf", "/b/slurm.conf"))
+    try:
+        deadline = time.monotonic() + 10
+        while slurm_cluster.steps_of("/a/slurm.conf") != [ours.pid]:
+            assert time.monotonic() < deadline, slurm_cluster.steps_of("/a/slurm.conf")
+            time.sleep(0.05)
+        slurm_cluster.Daemons([], "/a/slurm.conf").stop()
+        assert ours.wait(timeout=10) == -signal.SIGKILL and theirs.poll() is None
+    finally:
+        theirs.kill(), theirs.wait()
