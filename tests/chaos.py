@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("simulation", "torchrun", "multinode", "slurm")
 FAULTS = ("kill_rank", "kill_launcher", "term_launcher", "int_launcher", "stop_rank")
 TIMEOUT_S = 15  # dist.timeout_s of every run: a hung peer is noticed within it
-GRACE_S = 10  # the launchers' grace before they SIGKILL ranks that did not end on SIGTERM (torch's: 30)
-RUN = ["data.train_size=400", "model.hidden=[20]", "train.epochs=30", "train.checkpoint_every_steps=1",
+GRACE_S = 30  # torch's launchers' grace before they SIGKILL ranks that did not end on SIGTERM (a stopped one)
+RUN = ["data.train_size=400", "model.hidden=[20]", "train.epochs=12", "train.checkpoint_every_steps=1",
        f"dist.timeout_s={TIMEOUT_S}"]
 WORKLOADS = {"single": RUN, "sweep": [*RUN, "+experiment=weight_scale_sweep", "sweep.weight_scales=[1.0,0.01]"]}
 # What a finished run's directory holds, and nothing else.
@@ -103,7 +103,8 @@ def ranks(tag: str) -> list[int]:
     servers = {pid for pid, cmdline, _, _ in processes if "forkserver" in cmdline}
     return [pid for pid, cmdline, environ, ppid in processes
             if ppid in servers or ("RANK" in environ and "TORCHELASTIC_RUN_ID" in environ)
-            or ("SLURM_PROCID" in environ and "syncbn.train" in cmdline and "--check" not in cmdline)]
+            or ("SLURM_PROCID" in environ and "syncbn.train" in cmdline and "--check" not in cmdline
+                and Path(cmdline.split()[0]).name != "srun")]  # srun itself has the batch step's SLURM_PROCID
 
 
 class Launch:
@@ -112,7 +113,6 @@ class Launch:
     def __init__(self, launcher: str, overrides: list[str], run_dir: Path, tag: str, tmp: Path, cluster=None):
         self.launcher, self.run_dir, self.tag, self.cluster = launcher, run_dir, tag, cluster
         self.env = {**os.environ, "SYNCBN_CHAOS_TAG": tag, "TMPDIR": str(tmp), "SYNCBN_RUN_DIR": str(run_dir),
-                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(GRACE_S),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         self.processes: list[subprocess.Popen] = []
         self.job: str | None = None
