@@ -18,8 +18,13 @@ normalizing by its new population statistics (as the network will at test time),
 describe exactly the activations that evaluation feeds each layer. torch's ``swa_utils.update_bn``
 (and fvcore's PreciseBN) take one pass in train mode instead, where the earlier layers normalize by
 each batch's own statistics, which are not what inference gives them. The price: a layer's
-population needs the layers before it finished, so the data is run once per layer (each pass stops
-at the layer it measures: about L / 2 forward passes for L layers in a chain).
+population needs the layers that feed it finished, so the data is run once per level: layers no
+unfinished layer feeds share a pass (a NaN probe on one batch finds which layers feed which; siblings
+such as a network's branches, or a fused sweep's members, are one level), each pass stopping at its
+level's last layer, about L / 2 forward passes for a chain of L layers. Where a level held several
+layers, one more pass checks that each layer's inputs give the same bits with every layer on its new
+statistics (the probe can miss a dependency whose NaN a model hides), and measures again, one layer
+at a time, from the first that does not.
 
 The population is the same whether the layers synchronize over the world, over BN groups, or not
 at all: at inference every rank normalizes with one set of statistics, and with the weights equal
@@ -32,6 +37,7 @@ depend on its own new statistics).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,6 +79,31 @@ def _call_order(network: nn.Module, batch: torch.Tensor) -> list[str]:
     return [name for name in calls if modules[name].running_mean is not None and modules[name].running_var is not None]
 
 
+def _levels(network: nn.Module, batch: torch.Tensor, names: list[str]) -> list[int]:
+    """Each layer's level: 0 where its input depends on no other layer's output, else one more than
+    the highest level of the layers it depends on, found on one batch by making each layer's output
+    NaN in turn and seeing which later layers' inputs turn NaN. Layers of one level are measured in
+    one pass (siblings: the branches of a network, the members of a fused sweep); a network that
+    cannot take a NaN leaves every layer a level of its own, one pass each."""
+    modules, levels = dict(network.named_modules()), [0] * len(names)
+    for index, name in enumerate(names):
+        tainted: set[int] = set()
+        hooks = [modules[name].register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))]
+        hooks += [modules[later].register_forward_pre_hook(
+            lambda module, args, j=j: tainted.add(j) if torch.isnan(args[0]).any() else None)
+            for j, later in enumerate(names) if j > index]
+        try:
+            network(batch)
+        except Exception:  # noqa: BLE001 - whatever it raises on NaN, one layer at a time is right
+            return list(range(len(names)))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for later in tainted:
+            levels[later] = max(levels[later], levels[index] + 1)
+    return levels
+
+
 def _merge(into: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """Chan's merge of two ``[count, mean_0..C-1, M2_0..C-1]`` moment rows (float64)."""
     (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = (row.tensor_split([1, 1 + (row.numel() - 1) // 2]) for row in (into, part))
@@ -89,37 +120,44 @@ def _moments(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.new_tensor([values.size(1)]), mean, m2])
 
 
-def _layer_moments(network: nn.Module, layer: nn.Module, batches: Iterable, device: torch.device) -> torch.Tensor:
-    """This rank's moments of everything ``layer`` receives over ``batches``."""
-    total = torch.zeros(1 + 2 * layer.num_features, dtype=torch.float64, device=device)
+def _layers_moments(network: nn.Module, layers: list[nn.Module], batches: Iterable,
+                    device: torch.device) -> list[torch.Tensor]:
+    """This rank's moments of everything each of ``layers`` receives over ``batches``, in one pass
+    each batch, cut once the last of them (in call order) has its input."""
+    totals = [torch.zeros(1 + 2 * layer.num_features, dtype=torch.float64, device=device) for layer in layers]
+    seen: set[int] = set()
 
-    def measure(module: nn.Module, args: tuple) -> None:
-        nonlocal total
-        total = _merge(total, _moments(args[0]))
-        raise _Reached
+    def measure(index: int, module: nn.Module, args: tuple) -> None:
+        totals[index] = _merge(totals[index], _moments(args[0]))
+        seen.add(index)
+        if len(seen) == len(layers):
+            raise _Reached
 
-    hook = layer.register_forward_pre_hook(measure)
+    hooks = [layer.register_forward_pre_hook(functools.partial(measure, index)) for index, layer in enumerate(layers)]
     try:
         for batch in batches:
+            seen.clear()
             try:
                 network(_input(batch, device))
             except _Reached:
                 pass
     finally:
-        hook.remove()
-    return total
+        for hook in hooks:
+            hook.remove()
+    return totals
 
 
-def _merged(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """The ranks' moments merged in rank order: the same bits on every rank."""
+def _merged(local: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """The ranks' moments of each layer merged in rank order (one all-gather): the same bits on every rank."""
     if group is None:
         return local
-    everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, local, group=group)
-    total = torch.zeros_like(local)
+    flat = torch.cat(local)
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, flat, group=group)
+    totals = [torch.zeros_like(row) for row in local]
     for part in everyone:
-        total = _merge(total, part)
-    return total
+        totals = [_merge(total, row) for total, row in zip(totals, part.split([row.numel() for row in local]))]
+    return totals
 
 
 def _check_batches(batches: Iterable) -> None:
@@ -140,10 +178,13 @@ def _device(network: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _agreed_order(order: list[str] | BaseException | None, group: dist.ProcessGroup | None) -> list[str]:
+Plan = tuple[list[str], list[int]]  # the layers in call order, and each one's level
+
+
+def _agreed_order(order: Plan | BaseException | None, group: dist.ProcessGroup | None) -> Plan:
     """Every rank's order of the layers (or the error a rank met finding it), the same on every rank:
     a rank with no batch takes its peers', and one rank's error is every rank's."""
-    everyone: list[list[str] | BaseException | None] = [order]
+    everyone: list[Plan | BaseException | None] = [order]
     if group is not None:
         everyone = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, order, group=group)
@@ -154,18 +195,53 @@ def _agreed_order(order: list[str] | BaseException | None, group: dist.ProcessGr
     if any(theirs != orders[0] for theirs in orders):
         raise RuntimeError(f"syncbn.precise_bn: the ranks' forwards call the BatchNorm layers in different orders: "
                            f"{orders[0]} and {next(o for o in orders if o != orders[0])}")
-    return orders[0] if orders else []
+    return orders[0] if orders else ([], [])
 
 
-def _own_order(network: nn.Module, batches: Iterable, device: torch.device) -> list[str] | BaseException | None:
-    """This rank's order of the layers; None with no batch; the error of a batch or network it cannot measure."""
+def _own_order(network: nn.Module, batches: Iterable, device: torch.device) -> Plan | BaseException | None:
+    """This rank's order of the layers and their levels; None with no batch; the error of a batch or
+    network it cannot measure."""
     first = next(iter(batches), None)
     if first is None:
         return None
     try:
-        return _call_order(network, _input(first, device))
+        batch = _input(first, device)
+        names = _call_order(network, batch)
+        return names, _levels(network, batch, names)
     except (TypeError, ValueError) as error:
         return type(error)(*error.args)  # without its traceback, which does not pickle
+
+
+def _measure(network: nn.Module, modules: dict[str, nn.Module], names: list[str], batches: Iterable,
+             device: torch.device, group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """Measure ``names`` in one pass and set their statistics; their merged moment rows."""
+    rows = _merged(_layers_moments(network, [modules[name] for name in names], batches, device), group)
+    for name, row in zip(names, rows):
+        _set_statistics(name, modules[name], row)
+    return dict(zip(names, rows))
+
+
+def _set_statistics(name: str, layer: nn.Module, row: torch.Tensor) -> None:
+    count, mean, m2 = row.tensor_split([1, 1 + layer.num_features])
+    if count.item() < 2:
+        raise ValueError(f"syncbn.precise_bn: BatchNorm layer {name!r} received {int(count.item())} value(s) "
+                         "per channel over the whole data; an unbiased variance needs 2 or more")
+    layer.running_mean.copy_(mean)
+    layer.running_var.copy_(m2 / (count - 1))
+
+
+def _verified(network: nn.Module, modules: dict[str, nn.Module], names: list[str], measured: dict[str, torch.Tensor],
+              batches: Iterable, device: torch.device, group: dist.ProcessGroup | None) -> None:
+    """Layers measured together are right only if none fed another (the NaN probe sees most ways one
+    can, not all): one more pass over every layer, on the new statistics, must give each the same
+    bits; from the first that differs, the layers are measured again one at a time, in call order.
+    (Right, the new statistics are the population of inputs that they themselves produce: the same
+    bits again. The statistics of a feed-forward network are the one set that does.)"""
+    again = _merged(_layers_moments(network, [modules[name] for name in names], batches, device), group)
+    wrong = next((index for index, (name, row) in enumerate(zip(names, again)) if not torch.equal(row, measured[name])),
+                 None)
+    for name in names[wrong:] if wrong is not None else []:
+        measured.update(_measure(network, modules, [name], batches, device, group))
 
 
 @torch.no_grad()
@@ -180,19 +256,15 @@ def precise_bn(model: nn.Module, batches: Iterable, process_group: dist.ProcessG
     modes = {module: module.training for module in network.modules()}
     network.eval()
     try:
-        names = _agreed_order(_own_order(network, batches, device), group)
-        modules, counts = dict(network.named_modules()), {}
-        for name in names:
-            layer = modules[name]
-            count, mean, m2 = _merged(_layer_moments(network, layer, batches, device), group).tensor_split(
-                [1, 1 + layer.num_features])
-            if count.item() < 2:
-                raise ValueError(f"syncbn.precise_bn: BatchNorm layer {name!r} received {int(count.item())} value(s) "
-                                 "per channel over the whole data; an unbiased variance needs 2 or more")
-            layer.running_mean.copy_(mean)
-            layer.running_var.copy_(m2 / (count - 1))
-            counts[name] = int(count.item())
-        return counts
+        names, levels = _agreed_order(_own_order(network, batches, device), group)
+        modules = dict(network.named_modules())
+        measured: dict[str, torch.Tensor] = {}
+        for level in sorted(set(levels)):
+            together = [name for name, own in zip(names, levels) if own == level]
+            measured.update(_measure(network, modules, together, batches, device, group))
+        if len(set(levels)) < len(names):
+            _verified(network, modules, names, measured, batches, device, group)
+        return {name: int(row[0].item()) for name, row in measured.items()}
     finally:
         for module, training in modes.items():
             module.training = training

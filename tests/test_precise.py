@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from syncbn import SyncBatchNorm, precise_bn
+from syncbn import SyncBatchNorm, precise, precise_bn
 
 PRECISE = dict(rtol=1e-12, atol=1e-12)
 SIZES = (5, 3, 7, 1, 6, 4, 2, 8, 1)  # the whole set's batches, 37 samples
@@ -203,3 +203,87 @@ def bad_batch_on_rank() -> str:
 def test_one_ranks_bad_batch_is_every_ranks_error_not_a_hang(gloo_group):
     for message in gloo_group(2).run(bad_batch_on_rank):
         assert message.startswith("syncbn.precise_bn: each batch must be an input tensor")
+
+
+class Branches(nn.Module):
+    """Two branches, each Linear then BatchNorm, side by side; then a BatchNorm of their sum (it
+    depends on both); ``between`` sits between the branches and the last layer (a NaN-hiding op, a
+    NaN-refusing check)."""
+
+    def __init__(self, between=lambda x: x):
+        super().__init__()
+        torch.manual_seed(2)
+        self.left, self.right = nn.Linear(6, 4), nn.Linear(6, 4)
+        self.bn_left, self.bn_right, self.bn_out = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        self.between = between
+        for layer in (self.bn_left, self.bn_right, self.bn_out):
+            layer.running_mean.fill_(3.0)
+            layer.running_var.fill_(0.25)
+        self.double()
+
+    def forward(self, x):
+        return self.bn_out(self.between(self.bn_left(self.left(x)) + self.bn_right(self.right(x))))
+
+
+def branches_population(model: Branches, inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    model.eval()
+    with torch.no_grad():
+        stats = {}
+        for name, pre in (("bn_left", model.left), ("bn_right", model.right)):
+            values = pre(inputs)
+            stats[name] = values.mean(0), values.var(0)
+        new = {name: nn.functional.batch_norm(getattr(model, name.replace("bn_", ""))(inputs), *stats[name],
+                                              getattr(model, name).weight, getattr(model, name).bias)
+               for name in ("bn_left", "bn_right")}
+        values = model.between(new["bn_left"] + new["bn_right"])
+        stats["bn_out"] = values.mean(0), values.var(0)
+    return stats
+
+
+def counted(batches: list[torch.Tensor]) -> tuple[list[int], object]:
+    passes = [0]
+
+    class Passes:
+        def __iter__(self):
+            passes[0] += 1
+            return iter(batches)
+
+    return passes, Passes()
+
+
+# iter(batches) calls: the one-shot check, the first batch (call order, NaN probe), then the passes
+@pytest.mark.parametrize("between,passes,levels", [
+    (lambda x: x, 2 + 2 + 1, [0, 0, 1]),  # 2 levels, the check
+    (lambda x: torch.nan_to_num(x, nan=0.0), 2 + 1 + 1 + 1, [0, 0, 0]),  # one level (the probe misses bn_out's inputs), the check, bn_out again
+], ids=["branches", "nan-hidden"])
+def test_layers_no_other_feeds_are_measured_in_one_pass_and_checked(between, passes, levels):
+    """Sibling layers (two branches) share a pass; the layer after them, one more. A probe that misses
+    a dependency (the NaN hidden on the way) is caught by the check pass, and the layers from there
+    are measured again: the population either way (float64, 1e-12)."""
+    inputs = torch.cat(data((6,)))
+    expected = branches_population(Branches(between), inputs)
+    model = Branches(between)
+    assert precise._levels(model.eval(), inputs[:5], ["bn_left", "bn_right", "bn_out"]) == levels
+    count, batches = counted(list(inputs.split(5)))
+    precise_bn(model, batches)
+    for name, (mean, var) in expected.items():
+        torch.testing.assert_close(getattr(model, name).running_mean, mean, **PRECISE, msg=name)
+        torch.testing.assert_close(getattr(model, name).running_var, var, **PRECISE, msg=name)
+    assert count[0] == passes
+
+
+def test_a_network_that_refuses_nan_is_measured_one_layer_at_a_time():
+    def finite_only(x):
+        if not torch.isfinite(x).all():
+            raise RuntimeError("not finite")
+        return x
+
+    inputs = torch.cat(data((6,)))
+    expected = branches_population(Branches(finite_only), inputs)
+    model = Branches(finite_only)
+    assert precise._levels(model.eval(), inputs[:5], ["bn_left", "bn_right", "bn_out"]) == [0, 1, 2]
+    count, batches = counted(list(inputs.split(5)))
+    precise_bn(model, batches)
+    for name, (mean, var) in expected.items():
+        torch.testing.assert_close(getattr(model, name).running_mean, mean, **PRECISE, msg=name)
+    assert count[0] == 2 + 3, "one pass a layer, and no check"
