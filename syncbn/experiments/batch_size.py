@@ -19,13 +19,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from syncbn.experiments import bn_span
 from syncbn.experiments.study_plan import LAYOUT_FILE
 from syncbn.experiments.summary import LABELS, LINE_STYLES, Summary, SummaryCallback, plt, save_figure
 
 TARGET_TRAIN_ACC = 0.9
 COLUMNS = [
-    "norm", "model", "per_device_batch", "world_size", "seed", "execution", "final_train_acc", "final_test_acc",
-    "final_train_loss", "diverged", "epochs", "epochs_to_90pct_train_acc", "seconds",
+    "norm", "model", "per_device_batch", "world_size", "group_size", "bn_span", "seed", "execution", "final_train_acc",
+    "final_test_acc", "final_precise_test_acc", "final_batch_test_acc", "final_train_loss", "diverged", "epochs",
+    "epochs_to_90pct_train_acc", "seconds",
 ]
 NORM_ORDER = ["syncbn", "bn", "layernorm", "groupnorm", "none"]
 STUDY_LABELS = {**LABELS, "none": "no normalization"}
@@ -38,8 +40,9 @@ def epochs_to_reach(records: list[dict], accuracy: float = TARGET_TRAIN_ACC) -> 
 
 
 def _is_member(record: dict, member: dict | None) -> bool:
-    """``record`` is the member's (a per-run study run's records are all its one member's)."""
-    return member is None or all(record.get(key) == value for key, value in member.items())
+    """``record`` is the member's (a per-run study run's records are all its one member's): its
+    names, and no slice or group the member does not have."""
+    return member is None or all(record.get(key) == member.get(key) for key in {*member, "bn_slice", "bn_group"})
 
 
 def run_rows(run_dir: Path) -> list[dict] | None:
@@ -60,6 +63,7 @@ def run_rows(run_dir: Path) -> list[dict] | None:
         row = {key: value for key, value in spec.items() if key != "member"}
         rows.append(dict(
             row, epochs=last["epoch"], final_train_acc=last["train_acc"], final_test_acc=last["test_acc"],
+            final_precise_test_acc=last.get("precise_test_acc"), final_batch_test_acc=last.get("batch_test_acc"),
             final_train_loss=last["train_loss"], diverged=last["diverged"],
             epochs_to_90pct_train_acc=epochs_to_reach(own), seconds=round(seconds, 2),
         ))
@@ -75,7 +79,8 @@ def _model_key(model: str) -> tuple:
 
 
 def _order(row: dict) -> tuple:
-    return _model_key(row["model"]), _norm_key(row["norm"]), -row["per_device_batch"], row["seed"]
+    return (_model_key(row["model"]), _norm_key(row["norm"]), -row["per_device_batch"], row.get("group_size") or 0,
+            row["seed"])
 
 
 def read_study(sweep_dir: Path) -> list[dict]:
@@ -94,11 +99,17 @@ def read_study(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=_order)
 
 
+def in_groups(row: dict) -> bool:
+    """A row of synchronized BN in BN groups smaller than the world."""
+    return row["norm"] == "syncbn" and row.get("group_size") not in (None, "", row.get("world_size"))
+
+
 def accuracies_by_batch(rows: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """model -> norm -> per-device batch -> the final test accuracies of its seeds."""
+    """model -> norm -> per-device batch -> the final test accuracies of its seeds (BN groups apart)."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in rows:
-        table[row["model"]][row["norm"]][row["per_device_batch"]].append(row["final_test_acc"])
+        if not in_groups(row):
+            table[row["model"]][row["norm"]][row["per_device_batch"]].append(row["final_test_acc"])
     return table
 
 
@@ -114,42 +125,55 @@ def _dodge(batch: int, index: int, count: int) -> float:
 
 def plot_batch_study(rows: list[dict], path: Path) -> Path:
     """Final test accuracy (mean over seeds, bar from the lowest to the highest seed) against the
-    per-device batch on a log2 axis: one line per norm, one panel per model."""
+    per-device batch on a log2 axis: one line per norm, one panel per model. Where the study has
+    them, a row against the BN span (``bn_span.draw_spans``) and a row of per-rank BN evaluated
+    three ways (``bn_span.draw_evaluations``)."""
     table = accuracies_by_batch(rows)
     models = sorted(table, key=_model_key)
-    global_batch = max(r["per_device_batch"] * r["world_size"] for r in rows)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 4.4), squeeze=False)
+    extra = [draw for draw, present in (
+        (bn_span.draw_spans, any(bn_span.has_groups(rows, m) for m in models)),
+        (bn_span.draw_evaluations, any(len(bn_span.evaluations(rows, m, "bn")) > 2 for m in models))) if present]
+    fig, axes = plt.subplots(1 + len(extra), len(models), figsize=(5.6 * len(models), 4.4 * (1 + len(extra))),
+                             squeeze=False)
     for ax, model in zip(axes[0], models):
-        norms = sorted(table[model], key=_norm_key)
-        for index, norm in enumerate(norms):
-            batches = sorted(table[model][norm])
-            accuracies = [table[model][norm][b] for b in batches]
-            means = [statistics.mean(a) for a in accuracies]
-            ax.errorbar([_dodge(b, index, len(norms)) for b in batches], means,
-                        yerr=[[m - min(a) for m, a in zip(means, accuracies)], [max(a) - m for m, a in zip(means, accuracies)]],
-                        fmt=LINE_STYLES.get(norm, "-"), marker="o", markersize=4, capsize=2, label=STUDY_LABELS.get(norm, norm))
-        batches = sorted({b for per_norm in table[model].values() for b in per_norm})
-        emulated = _emulated_batches(rows, model)
-        if emulated:
-            ax.axvspan(batches[0] / 1.3, max(emulated) * 1.41, color="0.5", alpha=0.08, lw=0)
-            ax.text(batches[0] / 1.25, 0.02, "one process emulates the W ranks", transform=ax.get_xaxis_transform(),
-                    fontsize=7, color="0.35")
-        low, high = ax.get_ylim()
-        if high - low < MIN_ACCURACY_SPAN:  # a few samples' difference should not fill the panel
-            ax.set_ylim(min(high - MIN_ACCURACY_SPAN, low), max(high, min(1.0, low + MIN_ACCURACY_SPAN)))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [f"{b}\nW={global_batch // b}" for b in batches])
-        ax.minorticks_off()
-        ax.set_xlim(batches[0] / 1.3, batches[-1] * 1.3)
-        ax.set_title(model.upper(), fontsize=10)
-        ax.set_xlabel(f"per-device batch (world size W at global batch {global_batch})")
-        ax.set_ylabel("final test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        _draw_batches(ax, rows, table, model)
+    for row_axes, draw in zip(axes[1:], extra):
+        for ax, model in zip(row_axes, models):
+            draw(ax, rows, model)
     seeds = len({r["seed"] for r in rows})
     spread = f"mean and range over {seeds} seeds" if seeds > 1 else "one seed"
     fig.suptitle(f"MNIST (mnist5k): final test accuracy against per-device batch, {spread}")
     return save_figure(fig, path)
+
+
+def _draw_batches(ax, rows: list[dict], table: dict, model: str) -> None:
+    global_batch = max(r["per_device_batch"] * r["world_size"] for r in rows)
+    norms = sorted(table[model], key=_norm_key)
+    for index, norm in enumerate(norms):
+        batches = sorted(table[model][norm])
+        accuracies = [table[model][norm][b] for b in batches]
+        means = [statistics.mean(a) for a in accuracies]
+        ax.errorbar([_dodge(b, index, len(norms)) for b in batches], means,
+                    yerr=[[m - min(a) for m, a in zip(means, accuracies)], [max(a) - m for m, a in zip(means, accuracies)]],
+                    fmt=LINE_STYLES.get(norm, "-"), marker="o", markersize=4, capsize=2, label=STUDY_LABELS.get(norm, norm))
+    batches = sorted({b for per_norm in table[model].values() for b in per_norm})
+    emulated = _emulated_batches(rows, model)
+    if emulated:
+        ax.axvspan(batches[0] / 1.3, max(emulated) * 1.41, color="0.5", alpha=0.08, lw=0)
+        ax.text(batches[0] / 1.25, 0.02, "one process emulates the W ranks", transform=ax.get_xaxis_transform(),
+                fontsize=7, color="0.35")
+    low, high = ax.get_ylim()
+    if high - low < MIN_ACCURACY_SPAN:  # a few samples' difference should not fill the panel
+        ax.set_ylim(min(high - MIN_ACCURACY_SPAN, low), max(high, min(1.0, low + MIN_ACCURACY_SPAN)))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [f"{b}\nW={global_batch // b}" for b in batches])
+    ax.minorticks_off()
+    ax.set_xlim(batches[0] / 1.3, batches[-1] * 1.3)
+    ax.set_title(model.upper(), fontsize=10)
+    ax.set_xlabel(f"per-device batch (world size W at global batch {global_batch})")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
 # pragma: no mutate end
 
 
@@ -165,7 +189,7 @@ def accuracy_table(rows: list[dict]) -> str:
                 accuracies = table[model][norm].get(b)
                 cells.append(f"{statistics.mean(accuracies):.3f} ({min(accuracies):.3f}-{max(accuracies):.3f})" if accuracies else "")
             lines.append(f"| {model} | {STUDY_LABELS.get(norm, norm)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n\n".join(part for part in ("\n".join(lines), bn_span.span_table(rows), bn_span.evaluation_table(rows)) if part)
 
 
 SUMMARY = Summary(read_study, "batch_study.csv", COLUMNS, "batch_study.png", plot_batch_study, accuracy_table)

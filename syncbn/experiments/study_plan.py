@@ -55,7 +55,8 @@ class Layout:
     def save(self, config: Config, run_dir: Path) -> Path:
         path = run_dir / LAYOUT_FILE
         run = dict(norm=config.norm.name, model=config.model.name, seed=config.seed, epochs=config.train.epochs)
-        path.write_text(json.dumps(dict(run, **asdict(self))) + "\n")
+        group, samples = span(config.norm.name, self.per_device_batch, self.world_size)
+        path.write_text(json.dumps(dict(run, **asdict(self), group_size=group, bn_span=samples)) + "\n")
         return path
 
 
@@ -107,6 +108,7 @@ def _problems(config: Config) -> Iterator[str]:
     if study.max_real_ranks < 1:  # a value of its own, in an ordinary run too
         yield f"study.max_real_ranks must be >= 1, got {study.max_real_ranks}"
     yield from _list_problems(study)
+    yield from _group_problems(config)
     key = "study.per_device_batches" if study.per_device_batches is not None else "study.per_device_batch"
     batches = study.per_device_batches or ([study.per_device_batch] if study.per_device_batch is not None else [])
     if not batches:
@@ -127,6 +129,23 @@ def _problems(config: Config) -> Iterator[str]:
     models, norms, _, _ = study_lists(config)
     if "bn" in norms and "mlp" in models and 1 in batches:
         yield "norm=bn with model=mlp normalizes over the per-device batch and needs 2 samples or more, got 1"
+
+
+def _group_problems(config: Config) -> Iterator[str]:
+    """``study.bn_groups`` and ``study.bn_group_models``: they make rows of the fused study's syncbn
+    (none where it has none, or where a model is not among the study's)."""
+    study = config.study
+    if study.per_device_batches is None and (study.bn_groups is not None or study.bn_group_models is not None):
+        yield "study.bn_groups and study.bn_group_models make rows of the fused study: set study.per_device_batches too"
+    for key in ("bn_groups", "bn_group_models"):
+        values = getattr(study, key)
+        if values is not None and (not values or len(set(values)) < len(values)):
+            yield f"study.{key} must list distinct values, or be null, got {values}"
+    if any(k < 2 for k in study.bn_groups or []):
+        yield f"study.bn_groups must all be >= 2 (a group of 1 is per-rank BN, norm bn), got {study.bn_groups}"
+    unknown = [model for model in study.bn_group_models or [] if model not in MODELS]
+    if unknown:
+        yield f"study.bn_group_models: each must be one of {', '.join(MODELS)}, got {unknown[0]!r}"
 
 
 def check(config: Config) -> None:
@@ -156,25 +175,53 @@ def _job(name: str, config: Config, world_size: int, norms: list[str], seeds: li
 RANK_NORMS = ("syncbn", "bn")  # the norms whose computation involves the other ranks
 
 
-def _emulated_row(layout: dict, norm: str, b: int, seed: int, batch: int, norms: list[str]) -> dict:
+def span(norm: str, b: int, world_size: int, group_size: int | None = None) -> tuple[int | None, int | None]:
+    """``(group_size, bn_span)``: how many devices share each BatchNorm statistic, and over how many
+    samples it is taken (per-rank BN: 1 and b; synchronized BN: its group, or the world); none for a
+    norm without batch statistics."""
+    if norm == "bn":
+        return 1, b
+    if norm == "syncbn":
+        return group_size or world_size, b * (group_size or world_size)
+    return None, None
+
+
+def _emulated_row(layout: dict, norm: str, b: int, seed: int, batch: int, norms: list[str],
+                  group_size: int | None = None) -> dict:
     """A row the W = 1 job gives. Per-rank BN over the whole batch (W = 1) is synchronized BN at
-    W = 1, the same ``F.batch_norm`` call: a syncbn member, where the job has one, gives both rows."""
+    W = 1, the same ``F.batch_norm`` call: a syncbn member, where the job has one, gives both rows.
+    BN groups of k devices of b samples: a synchronized member over groups of k slices of b."""
     world_size = batch // b
-    if norm != "bn":
+    if group_size is not None:
+        member = dict(norm="syncbn", seed=seed, bn_slice=b, bn_group=group_size)
+    elif norm != "bn":
         member = dict(norm=norm, seed=seed)
     elif world_size == 1 and "syncbn" in norms:
         member = dict(norm="syncbn", seed=seed)
     else:
         member = dict(norm="bn", seed=seed, bn_slice=b)
-    return dict(layout, norm=norm, per_device_batch=b, world_size=world_size, seed=seed,
-                execution=execution(world_size, norm, max_real_ranks=1), member=member)
+    emulated = "ghost" if group_size is not None else execution(world_size, norm, max_real_ranks=1)
+    group, samples = span(norm, b, world_size, group_size)
+    return dict(layout, norm=norm, per_device_batch=b, world_size=world_size, group_size=group, bn_span=samples,
+                seed=seed, execution=emulated, member=member)
 
 
 def _w1_job(name: str, config: Config, seeds: list[int], rows: list[dict]) -> StudyJob:
     """The W = 1 job training the members ``rows`` name."""
     norms = list(dict.fromkeys(row["member"]["norm"] for row in rows))
     slices = sorted({row["member"]["bn_slice"] for row in rows if "bn_slice" in row["member"]}, reverse=True)
-    return _job(name, config, 1, norms, seeds, rows, slices or None)
+    groups = sorted({row["member"]["bn_group"] for row in rows if "bn_group" in row["member"]})
+    job = _job(name, config, 1, norms, seeds, rows, slices or None)
+    return replace(job, config=replace(job.config, sweep=replace(job.config.sweep, bn_groups=groups or None)))
+
+
+def _grouped_rows(config: Config, model: str, layout: dict, batches: list[int], seeds: list[int]) -> list[dict]:
+    """The rows of BN groups: each k of ``study.bn_groups`` smaller than W that divides it, at every b."""
+    study, batch = config.study, config.train.global_batch_size
+    if not study.bn_groups or model not in (study.bn_group_models or [model]) or "syncbn" not in study_lists(config)[1]:
+        return []
+    return [_emulated_row(layout, "syncbn", b, seed, batch, ["syncbn"], k) for b in sorted(batches, reverse=True)
+            for k in study.bn_groups if k < batch // b and (batch // b) % k == 0 for seed in seeds]
 
 
 def fused_jobs(config: Config, model_configs: dict[str, Config]) -> list[StudyJob]:
@@ -192,10 +239,13 @@ def fused_jobs(config: Config, model_configs: dict[str, Config]) -> list[StudyJo
         layout = dict(model=model, epochs=config.train.epochs)
         emulated = [_emulated_row(layout, norm, b, seed, batch, norms) for b in sorted(batches, reverse=True)
                     for norm in norms for seed in seeds if not (norm in on_ranks and batch // b in real_sizes)]
+        emulated += _grouped_rows(config, model, layout, batches, seeds)
         if emulated:
             jobs.append(_w1_job(f"{model}-w1", model_config, seeds, emulated))
         for world_size in real_sizes if on_ranks else []:
-            rows = [dict(layout, norm=norm, per_device_batch=batch // world_size, world_size=world_size, seed=seed,
+            b = batch // world_size
+            rows = [dict(layout, norm=norm, per_device_batch=b, world_size=world_size,
+                         **dict(zip(("group_size", "bn_span"), span(norm, b, world_size))), seed=seed,
                          execution="real", member=dict(norm=norm, seed=seed)) for norm in on_ranks for seed in seeds]
             jobs.append(_job(f"{model}-w{world_size}", model_config, world_size, on_ranks, seeds, rows))
     return jobs

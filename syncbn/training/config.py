@@ -104,6 +104,10 @@ class StudyConfig:
     seeds: list[int] | None = None
     per_device_batch: int | None = None  # null: an ordinary run, dist.nproc decides the world size
     max_real_ranks: int = 2
+    # Synchronized BN in BN groups of these many devices (2 or more, dividing W, fewer than W) at each
+    # per-device batch, emulated in one process, in the models of bn_group_models (null: every model).
+    bn_groups: list[int] | None = None
+    bn_group_models: list[str] | None = None
 
 
 @dataclass

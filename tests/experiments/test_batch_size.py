@@ -55,7 +55,7 @@ def test_only_finished_runs_become_rows(tmp_path, capsys):
 
 
 FLOAT64 = ["train.dtype=float64", "data.train_size=640"]
-ROW_KEY = ("model", "norm", "per_device_batch", "seed")
+ROW_KEY = ("model", "norm", "per_device_batch", "group_size", "seed")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -76,7 +76,7 @@ def fused_members(fused: Path, study: list[str]) -> dict[tuple, dict]:
         network.load_state_dict(torch.load(fused / job.name / "checkpoint.pt", weights_only=True)["model"])
         names = [{k: v for k, v in member.record().items() if k != "weight_scale"} for member in network.members]
         for row in job.rows:
-            key = tuple(str(row[k]) for k in ROW_KEY)
+            key = tuple("" if row[k] is None else str(row[k]) for k in ROW_KEY)  # as the CSV writes it
             parameters[key] = network.member_network(names.index(row["member"])).state_dict()
     return parameters
 
@@ -89,14 +89,15 @@ def assert_fused_equals_per_run(fused: Path, study: list[str], per_run: Path) ->
     parameters = fused_members(fused, study)
     reference = read_rows(per_run / "batch_study.csv")
     assert reference and set(parameters) == set(mine)
-    same = ("world_size", "epochs", "final_train_acc", "final_test_acc", "diverged", "epochs_to_90pct_train_acc")
+    same = ("world_size", "bn_span", "epochs", "final_train_acc", "final_test_acc", "final_precise_test_acc",
+            "final_batch_test_acc", "diverged", "epochs_to_90pct_train_acc")
     for theirs in reference:
         key = tuple(theirs[k] for k in ROW_KEY)
         assert [mine[key][k] for k in same] == [theirs[k] for k in same], key
         assert float(mine[key]["final_train_loss"]) == pytest.approx(float(theirs["final_train_loss"]), rel=1e-9, abs=0)
     for layout in per_run.glob(f"*/{LAYOUT_FILE}"):
         run_layout = json.loads(layout.read_text())
-        key = tuple(str(run_layout[k]) for k in ROW_KEY)
+        key = tuple("" if run_layout[k] is None else str(run_layout[k]) for k in ROW_KEY)
         final = torch.load(layout.parent / "checkpoint.pt", weights_only=True)["model"]
         assert final.keys() == parameters[key].keys(), key
         for name, value in final.items():
@@ -138,13 +139,13 @@ def test_the_fused_study_gives_the_per_run_studys_rows_and_writes_the_csv_and_th
     rows = read_rows(fused / "batch_study.csv")
     by_key, parameters = {tuple(r[k] for k in ROW_KEY): r for r in rows}, fused_members(fused, study)
     for model in ("mlp", "cnn"):  # synchronized BN on 2 real ranks, as the one-process member computes it
-        real, one_process = (model, "syncbn", "32", "0"), (model, "syncbn", "8", "0")
+        real, one_process = (model, "syncbn", "32", "2", "0"), (model, "syncbn", "8", "8", "0")
         assert by_key[real]["final_test_acc"] == by_key[one_process]["final_test_acc"]
         for name, value in parameters[real].items():
             torch.testing.assert_close(value, parameters[one_process][name], rtol=1e-9, atol=1e-9)
 
     image = matplotlib.image.imread(fused / "batch_study.png")
-    assert image.shape[1] > 1.8 * image.shape[0], "two panels side by side"
+    assert 0.8 < image.shape[1] / image.shape[0] < 0.9, "two panels wide, three rows: batch, BN span, evaluations"
     before = (fused / "batch_study.csv").read_text()
     (fused / "batch_study.csv").unlink()
     batch_size.main([str(fused)])
@@ -166,8 +167,11 @@ def test_the_small_study_is_four_jobs_whose_rows_are_computed_each_way():
     jobs = study_plan.fused_jobs(config, {m: compose_config("+experiment=batch_size_study", *STUDIES["small"][0],
                                                             f"model={m}") for m in ("mlp", "cnn")})
     assert [job.name for job in jobs] == ["mlp-w1", "mlp-w2", "cnn-w1", "cnn-w2"]
+    grouped = [r for job in jobs for r in job.rows if r["norm"] == "syncbn" and r["group_size"] != r["world_size"]]
+    assert [(r["model"], r["per_device_batch"], r["group_size"], r["execution"]) for r in grouped] == [
+        ("mlp", 8, 2, "ghost"), ("mlp", 8, 4, "ghost")], "BN groups of the MLP: slices of 8 in groups, one process"
     assert {(r["model"], r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"])
-            for job in jobs for r in job.rows} == {
+            for job in jobs for r in job.rows if r not in grouped} == {
         (model, norm, batch): layout
         for model in ("mlp", "cnn")
         for norm, batch, layout in [("syncbn", 32, (2, "real")), ("syncbn", 8, (8, "one-process")),

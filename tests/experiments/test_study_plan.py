@@ -70,11 +70,14 @@ def test_layouts_at_the_limits_are_planned(overrides):
     assert study_plan.plan(study_config(*overrides)) is not None
 
 
-def test_a_layout_is_saved_with_the_run_it_belongs_to(tmp_path):
-    config = study_config("norm=groupnorm", "seed=3", "train.epochs=7", "model=cnn")
+@pytest.mark.parametrize("norm,group_size,bn_span", [("groupnorm", None, None), ("bn", 1, 8), ("syncbn", 8, 64)])
+def test_a_layout_is_saved_with_the_run_it_belongs_to(tmp_path, norm, group_size, bn_span):
+    """With how many devices share each BatchNorm statistic, over how many samples."""
+    config = study_config(f"norm={norm}", "seed=3", "train.epochs=7", "model=cnn")
     path = study_plan.Layout(8, 8, "one-process").save(config, tmp_path)
     assert path.read_text().endswith("\n") and json.loads(path.read_text()) == dict(
-        norm="groupnorm", model="cnn", seed=3, epochs=7, per_device_batch=8, world_size=8, execution="one-process")
+        norm=norm, model="cnn", seed=3, epochs=7, per_device_batch=8, world_size=8, execution="one-process",
+        group_size=group_size, bn_span=bn_span)
 
 
 def fused_config(*overrides: str) -> Config:
@@ -95,8 +98,16 @@ def test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_bat
     assert [(job.name, job.world_size, job.config.dist.nproc, job.config.model.name) for job in jobs] == [
         ("mlp-w1", 1, 1, "mlp"), ("mlp-w2", 2, 2, "mlp"), ("cnn-w1", 1, 1, "cnn"), ("cnn-w2", 2, 2, "cnn")]
     rows = [row for job in jobs for row in job.rows]
-    keys = [(r["model"], r["norm"], r["per_device_batch"], r["seed"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 180
+    keys = [(r["model"], r["norm"], r["per_device_batch"], r["group_size"], r["seed"]) for r in rows]
+    grouped = [r for r in rows if r["norm"] == "syncbn" and r["group_size"] != r["world_size"]]
+    assert len(keys) == len(set(keys)) == 180 + len(grouped)
+    # BN groups, MLP only: k = 2 ... 16 below W and dividing it, at every b: 4 at b = 2, 3, 2 and 1 at b = 16
+    assert sorted({(r["per_device_batch"], r["group_size"]) for r in grouped}) == [
+        (2, 2), (2, 4), (2, 8), (2, 16), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (16, 2)]
+    assert {r["model"] for r in grouped} == {"mlp"} and len(grouped) == 10 * 3
+    assert all(r["bn_span"] == r["per_device_batch"] * r["group_size"] and r["execution"] == "ghost" and r["member"] ==
+               dict(norm="syncbn", seed=r["seed"], bn_slice=r["per_device_batch"], bn_group=r["group_size"])
+               for r in grouped)
     for job in jobs:
         assert job.config.study.per_device_batches is None and job.config.model.hidden == compose_config(
             f"model={job.config.model.name}").model.hidden
@@ -105,11 +116,16 @@ def test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_bat
         assert all(r["member"] in [{k: v for k, v in n.items() if k != "weight_scale"} for n in names] for r in job.rows)
     w1 = jobs[0]
     assert w1.config.sweep.norms == ["syncbn", "layernorm", "groupnorm", "none", "bn"]
-    assert w1.config.sweep.bn_slices == [16, 8, 4, 2] and len(members(w1.config)) == 4 * 3 + 4 * 3
+    assert w1.config.sweep.bn_slices == [16, 8, 4, 2] and w1.config.sweep.bn_groups == [2, 4, 8, 16]
+    assert len(members(w1.config)) == 4 * 3 + 4 * 3 + 10 * 3, "no member the rows do not ask for"
+    assert jobs[2].config.sweep.bn_groups is None
     assert jobs[1].config.sweep.norms == ["syncbn", "bn"] and jobs[1].config.sweep.bn_slices is None
     assert len(members(jobs[1].config)) == 2 * 3
     cnn = {(r["norm"], r["per_device_batch"]): (r["world_size"], r["execution"], r["member"])
            for r in jobs[2].rows + jobs[3].rows if r["seed"] == 1}
+    spans = {(r["norm"], r["per_device_batch"]): (r["group_size"], r["bn_span"]) for r in jobs[2].rows + jobs[3].rows}
+    assert spans[("syncbn", 2)] == (32, 64) and spans[("bn", 2)] == (1, 2) and spans[("bn", 32)] == (1, 32)
+    assert spans[("syncbn", 32)] == (2, 64) and spans[("layernorm", 4)] == (None, None)
     assert cnn[("bn", 64)] == (1, "real", dict(norm="syncbn", seed=1)), "per-rank BN at W = 1 is syncbn at W = 1"
     assert cnn[("bn", 32)] == (2, "real", dict(norm="bn", seed=1)) and jobs[3].rows[3]["member"] == dict(norm="bn", seed=0)
     assert cnn[("bn", 16)] == (4, "ghost", dict(norm="bn", seed=1, bn_slice=16))
@@ -131,7 +147,7 @@ def test_the_default_study_is_four_fused_jobs_whose_rows_are_each_model_norm_bat
     (["study.max_real_ranks=32", "study.models=[mlp]", "study.per_device_batches=[64,2]"], ["mlp-w1", "mlp-w32"], None),
 ])
 def test_real_world_sizes_get_a_job_each_and_the_rest_is_emulated_in_the_w1_job(overrides, jobs, slices):
-    planned = jobs_of(*overrides)
+    planned = jobs_of(*overrides, "study.bn_groups=null")  # the slices of per-rank BN alone
     assert [job.name for job in planned] == jobs
     assert planned[0].config.sweep.bn_slices == slices
 
@@ -141,8 +157,8 @@ def test_a_study_job_is_saved_with_its_rows_and_epochs(tmp_path):
                   "train.epochs=3")[0]
     assert job.save(tmp_path) == tmp_path / study_plan.LAYOUT_FILE
     assert json.loads((tmp_path / study_plan.LAYOUT_FILE).read_text()) == dict(epochs=3, rows=[dict(
-        model="mlp", epochs=3, norm="bn", per_device_batch=4, world_size=16, seed=5, execution="ghost",
-        member=dict(norm="bn", seed=5, bn_slice=4))])
+        model="mlp", epochs=3, norm="bn", per_device_batch=4, world_size=16, group_size=1, bn_span=4, seed=5,
+        execution="ghost", member=dict(norm="bn", seed=5, bn_slice=4))])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -163,11 +179,27 @@ def test_a_study_job_is_saved_with_its_rows_and_epochs(tmp_path):
     (["data.train_size=100"], EQUAL_BATCHES.format(100)),
     (["study.per_device_batches=[2,1]"], "norm=bn with model=mlp normalizes over the per-device batch and needs 2 "
                                          "samples or more, got 1"),
+    (["study.bn_groups=[1,2]"], "study.bn_groups must all be >= 2 (a group of 1 is per-rank BN, norm bn), got [1, 2]"),
+    (["study.bn_groups=[2,2]"], "study.bn_groups must list distinct values, or be null, got [2, 2]"),
+    (["study.bn_groups=[]"], "study.bn_groups must list distinct values, or be null, got []"),
+    (["study.bn_group_models=[mlp,mpl]"], "study.bn_group_models: each must be one of mlp, cnn, got 'mpl'"),
+    (["study.per_device_batches=null", "study.models=null", "study.norms=null", "study.seeds=null"],
+     "study.bn_groups and study.bn_group_models make rows of the fused study: set study.per_device_batches too"),
 ])
 def test_fused_studies_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError) as refusal:
         study_plan.check(fused_config(*overrides))
     assert str(refusal.value) == message
+
+
+@pytest.mark.parametrize("overrides,grouped", [
+    (["study.norms=[bn,none]"], 0), (["study.models=[cnn]"], 0), (["study.bn_group_models=null"], 60),
+    (["study.bn_groups=[2]", "study.per_device_batches=[64,32,2]"], 3), (["study.bn_groups=null"], 0)])
+def test_bn_groups_are_rows_of_the_studys_syncbn_in_the_models_named(overrides, grouped):
+    """None without syncbn or in a model not named (no error: the experiment's defaults name them);
+    a k is a row where it is below W and divides it (b = 32 is W = 2: no group of 2 below it)."""
+    rows = [r for job in jobs_of(*overrides) for r in job.rows]
+    assert len([r for r in rows if r["norm"] == "syncbn" and r["group_size"] != r["world_size"]]) == grouped
 
 
 @pytest.mark.parametrize("overrides", [["study.per_device_batches=[2,1]", "study.models=[cnn]"],
