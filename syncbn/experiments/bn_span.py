@@ -52,47 +52,45 @@ def has_groups(rows: list[dict], model: str) -> bool:
 
 
 # pragma: no mutate start (drawing: the figure's file is checked end to end, not its pixels)
+def _curve(ax, values: dict[int, list[float]], **style) -> None:
+    """Mean over seeds against the key, a bar from the lowest seed to the highest."""
+    xs = sorted(values)
+    means = [statistics.mean(values[x]) for x in xs]
+    ax.errorbar(xs, means, yerr=[[m - min(values[x]) for m, x in zip(means, xs)],
+                                 [max(values[x]) - m for m, x in zip(means, xs)]],
+                marker="o", markersize=4, capsize=2, **style)
+
+
+def _axes(ax, ticks: list[int], heading: str, xlabel: str, ylabel: str, **legend) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_title(heading, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", **legend)
+
+
 def draw_spans(ax, rows: list[dict], model: str) -> None:
     """Test accuracy against the BN span, one line per per-device batch: if the span alone decides,
     the lines fall on one curve."""
     curves = span_curves(rows, model)
     for b in sorted(curves):
-        spans = sorted(curves[b])
-        means = [statistics.mean(curves[b][s]) for s in spans]
-        low = [m - min(curves[b][s]) for m, s in zip(means, spans)]
-        high = [max(curves[b][s]) - m for m, s in zip(means, spans)]
-        ax.errorbar(spans, means, yerr=[low, high], marker="o", markersize=4, capsize=2, label=f"b={b}")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({s for spans in curves.values() for s in spans})
-    ax.set_xticks(ticks, [str(s) for s in ticks])
-    ax.minorticks_off()
-    ax.set_title(f"{model.upper()}: BN groups of k devices of b samples", fontsize=10)
-    ax.set_xlabel("BN span b x k (per-rank BN: k = 1; synchronized BN: the global batch)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", title="per-device batch", title_fontsize=7)
+        _curve(ax, curves[b], label=f"b={b}")
+    _axes(ax, sorted({s for spans in curves.values() for s in spans}), f"{model.upper()}: BN groups of k devices "
+          "of b samples", "BN span b x k (per-rank BN: k = 1; synchronized BN: the global batch)",
+          "final test accuracy", title="per-device batch", title_fontsize=7)
 
 
 def draw_evaluations(ax, rows: list[dict], model: str, norm: str = "bn") -> None:
     """Per-rank BN's training accuracy and its test accuracy evaluated three ways, against b."""
     found = evaluations(rows, model, norm)
     for column, label in EVALUATIONS.items():
-        if column not in found:
-            continue
-        batches = sorted(found[column])
-        means = [statistics.mean(found[column][b]) for b in batches]
-        ax.errorbar(batches, means, yerr=[[m - min(found[column][b]) for m, b in zip(means, batches)],
-                                          [max(found[column][b]) - m for m, b in zip(means, batches)]],
-                    marker="o", markersize=4, capsize=2, label=label, ls="--" if column == "final_train_acc" else "-")
-    batches = sorted({b for values in found.values() for b in values})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.minorticks_off()
-    ax.set_title(f"{model.upper()}: per-rank BN evaluated three ways", fontsize=10)
-    ax.set_xlabel("per-device batch b")
-    ax.set_ylabel("final accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+        if column in found:
+            _curve(ax, found[column], label=label, ls="--" if column == "final_train_acc" else "-")
+    _axes(ax, sorted({b for values in found.values() for b in values}),
+          f"{model.upper()}: per-rank BN evaluated three ways", "per-device batch b", "final accuracy")
 # pragma: no mutate end
 
 
