@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import torch.distributed as dist
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -95,11 +96,25 @@ def interrupts_in_one_line(run_dir: Path | None = None, resume: str = "") -> Ite
         sys.exit(EXIT_STATUS[received])
 
 
+def peer_failure(error: BaseException) -> bool:
+    """A failure of the process group rather than of this rank's code: a peer that stopped, died or
+    never joined (torch's store, network and backend errors; Gloo's transport errors, whose
+    RuntimeError the layer's own message wraps)."""
+    causes = [error, error.__cause__]
+    return any(isinstance(cause, dist.DistError) or (isinstance(cause, RuntimeError) and "gloo/transport" in str(cause))
+               for cause in causes)
+
+
 def describe(error: BaseException) -> str:
     """One line for a known failure: Hydra's and OmegaConf's messages with their causes, a failed
-    rank's own message, a failed submitit job's, or ours."""
+    rank's own message, a failed submitit job's, a failed process group's, or ours."""
     if (job := describe_failed_job(error)) is not None:
         return job
+    if peer_failure(error) and not isinstance(error, ChildFailedError):
+        # Its last line says what the backend saw; this rank's traceback says nothing about the peer.
+        detail = (str(error).strip().splitlines() or [""])[-1]
+        return (f"rank {os.environ.get('RANK', 0)}: the process group failed (a peer stopped, died or never joined "
+                f"within dist.timeout_s): {type(error).__name__}: {detail}")
     if isinstance(error, ChildFailedError):
         rank, failure = distributed.first_failure(error)
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
@@ -153,7 +168,7 @@ def one_line_errors() -> Iterator[None]:
             # died is ended during this wait, silently (srun names the task that failed first)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             distributed.leave_after_the_launcher_looks()
-        if not isinstance(error, KNOWN_FAILURES) and describe_failed_job(error) is None:
+        if not isinstance(error, KNOWN_FAILURES) and describe_failed_job(error) is None and not peer_failure(error):
             raise
         line = f"syncbn.train: error: {describe(error)}"
         print(line, file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 from app import cli, compose_config, read_metrics
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -278,3 +279,42 @@ def test_an_empty_run_or_sweep_directory_is_refused_instead_of_writing_into_the_
     assert code == 1 and err.splitlines() == ["syncbn.train: error: hydra.sweep.dir is empty: name a directory for the "
                                               "sweep, or leave the key out"]
     assert {p.name for p in tmp_path.iterdir()} <= {"train.log"}, "no run, no multirun.yaml, in the working directory"
+
+
+GLOO = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                    "peer [127.0.0.1]:15554. This is typically caused by a remote worker crashing.")
+
+
+def wrapped_by_the_layer() -> RuntimeError:
+    from syncbn import comm
+
+    error = comm._failed("forward", 2, GLOO)
+    error.__cause__ = GLOO
+    return error
+
+
+@pytest.mark.parametrize("error,line", [
+    (torch.distributed.DistNetworkError("The client socket has timed out after 15000ms while trying to connect to "
+                                        "(vm, 29532)."),
+     "DistNetworkError: The client socket has timed out after 15000ms while trying to connect to (vm, 29532)."),
+    (torch.distributed.DistStoreError("Timed out after 16 seconds waiting for clients. 1/2 clients joined."),
+     "DistStoreError: Timed out after 16 seconds waiting for clients. 1/2 clients joined."),
+    (GLOO, f"RuntimeError: {GLOO}"),
+    (wrapped_by_the_layer(), f"RuntimeError: {wrapped_by_the_layer()}"),
+], ids=["network", "store", "gloo", "the-layers"])
+def test_a_rank_whose_process_group_failed_says_so_in_one_line(monkeypatch, capsys, error, line):
+    """Under srun each task reports its own failure: a peer stopped or died in the start-up (the store,
+    DDP's first collective) or in a step was 60 to 100 lines of traceback (found by the chaos run)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with pytest.raises(SystemExit) as ended, endings.one_line_errors():
+        raise error
+    assert ended.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"syncbn.train: error: rank 1: the process group failed (a peer stopped, died or never joined within "
+        f"dist.timeout_s): {line}"]
+
+
+def test_a_runtime_error_of_the_ranks_own_code_keeps_its_traceback():
+    with pytest.raises(RuntimeError, match="a bug"), endings.one_line_errors():
+        raise RuntimeError("a bug in transport/gloo naming")
