@@ -14,7 +14,9 @@ its own, forward and backward:
   round (the steps whose sums cancel take a second: rare, so left out);
 - syncbn all-reduce compiled: its two forward rounds at every step, as a compiled layer runs them;
 - syncbn auto: each layer the cheaper of the two, as ``collective="auto"`` chooses;
-- torch's SyncBatchNorm: 2C + 1 float32 gathered, 2C float32 all-reduced.
+- torch's SyncBatchNorm: 2C + 1 float32 gathered, 2C float32 all-reduced;
+- syncbn auto, groups of 8 (``group_size=8``): each group of 8 GPUs synchronizes on its own, all
+  groups at once, so a step costs what the layer costs at 8 GPUs (inside one node at 8 a node).
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from syncbn.cost import CostModel, nccl_model
 
 WORLD_SIZES = [8 * 2**k for k in range(10)]  # 8 .. 4096 GPUs
 GPUS_PER_NODE = (1, 8)
+GROUP = 8  # BN groups of 8 GPUs (group_size=8): inside one node at 8 GPUs a node
 CONTENDERS = ("syncbn all_gather", "syncbn all_reduce", "syncbn all_reduce compiled", "syncbn auto",
-              "torch SyncBatchNorm")
+              "torch SyncBatchNorm", f"syncbn auto, groups of {GROUP}")
 
 
 def layer_step_seconds(model: CostModel, contender: str, world_size: int, channels: int) -> float:
     if contender == "torch SyncBatchNorm":  # float32 [mean, invstd, count] gathered, the sums reduced
         return model.collective_seconds("all_gather", world_size, (2 * channels + 1) * 4) + \
             model.collective_seconds("all_reduce", world_size, 2 * channels * 4)
+    if contender.endswith(f"groups of {GROUP}"):  # each group synchronizes alone, all groups at once
+        return layer_step_seconds(model, "syncbn auto", min(world_size, GROUP), channels)
     if contender == "syncbn all_reduce compiled":
         return model.layer_seconds("all_reduce", world_size, channels, reduce_rounds=2)
     collective = contender.removeprefix("syncbn ")
@@ -85,7 +90,7 @@ def write(rows: list[dict], folder: Path) -> None:
     fig, axes = plt.subplots(1, len(GPUS_PER_NODE), figsize=(11, 4.4), sharey=True)
     for ax, per_node in zip(axes, GPUS_PER_NODE):
         mine = [r for r in rows if r["gpus_per_node"] == per_node]
-        for contender, style in zip(CONTENDERS, ("o-", "s-", "s:", "k:", "^--")):
+        for contender, style in zip(CONTENDERS, ("o-", "s-", "s:", "k:", "^--", "D-.")):
             ax.plot([r["world_size"] for r in mine], [r[contender] for r in mine], style, label=contender)
         ax.set(xscale="log", yscale="log", xlabel="GPUs (400 Gb/s each)",
                title=f"{per_node} GPU{'s' if per_node > 1 else ''} a node" + (", NVLink inside" if per_node > 1 else ""))
@@ -118,9 +123,12 @@ def summary(rows: list[dict]) -> str:
               for name in ("syncbn all_gather", "torch SyncBatchNorm")}
     spans = {name: f"{min(v):.1f}-{max(v):.1f}x" for name, v in ratios.items()}
     crossings = ", ".join(f"{crossover(rows, g)} GPUs at {g} a node" for g in GPUS_PER_NODE)
+    grouped = at[8][f"syncbn auto, groups of {GROUP}"]
     return (f"all-reduce cheaper than the all-gather from {crossings}; at 1024 GPUs it is "
             f"{spans['syncbn all_gather']} cheaper than our all-gather and {spans['torch SyncBatchNorm']} than "
-            "torch's SyncBatchNorm")
+            f"torch's SyncBatchNorm; BN groups of {GROUP} inside a node (8 GPUs a node) cost {grouped:.2f} ms a step "
+            f"at 1024 GPUs, against {at[8]['syncbn auto']:.2f} ms synchronizing the whole world "
+            f"({at[8]['syncbn auto'] / grouped:.1f}x)")
 
 
 def main(argv: list[str] | None = None) -> int:
