@@ -55,11 +55,23 @@ def _check_input(layer: _BatchNorm, input: torch.Tensor) -> None:
 _GROUPS: dict[tuple[dist.ProcessGroup, int], list[dist.ProcessGroup]] = {}
 
 
-def bn_groups(group_size: int) -> dist.ProcessGroup | None:
+def bn_groups(group_size: int) -> dist.ProcessGroup:
     """This rank's BN group: ranks ``0..k-1``, ``k..2k-1``, ... of the world (``k = group_size``) share
     their statistics. torch requires every rank to create every group, in the same order: the first
     call in a world creates them all, on every rank (call it on every rank, as ``init_process_group``
-    is); later calls return them. None for ``k = 1`` (each rank alone), WORLD for the whole world."""
+    is); later calls return them. WORLD for the whole world; for ``k = 1`` a group of this rank alone
+    (a ``process_group`` of None would mean the world)."""
+    group = _bn_group(group_size)
+    if group is None:
+        world, rank = dist.group.WORLD, dist.get_rank()
+        if (world, 1) not in _GROUPS:
+            _GROUPS[world, 1] = [dist.new_group([each]) for each in range(dist.get_world_size())]
+        return _GROUPS[world, 1][rank]
+    return group
+
+
+def _bn_group(group_size: int) -> dist.ProcessGroup | None:
+    """``bn_groups``, but None for ``k = 1``: the layer needs no group to normalize alone."""
     _check_group_size(group_size, None)
     world, world_size = dist.group.WORLD, dist.get_world_size()
     if world_size % group_size:
@@ -137,7 +149,7 @@ class SyncBatchNorm(_BatchNorm):
         _check_collective(collective)
         _check_group_size(group_size, process_group)
         if group_size is not None and dist.is_initialized():
-            bn_groups(group_size)  # every rank builds the model: every rank makes every group, outside any graph
+            _bn_group(group_size)  # every rank builds the model: every rank makes every group, outside any graph
         self.group_size = group_size
         self.collective = collective
         self.cost_model = resolve_model(cost_model)  # ``auto``'s; None: by the group's backend
@@ -202,7 +214,7 @@ class SyncBatchNorm(_BatchNorm):
         group, a group of one, or a rank outside ``process_group``. (``ProcessGroup.size()`` rather
         than ``dist.get_world_size``: cheaper, and a group of one pays it on every call.)"""
         if self.group_size is not None:
-            group = bn_groups(self.group_size) if dist.is_initialized() else None
+            group = _bn_group(self.group_size) if dist.is_initialized() else None
         else:
             group = self.process_group or dist.group.WORLD
         return group if isinstance(group, dist.ProcessGroup) and group.size() > 1 else None
@@ -300,7 +312,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     _check_group_size(group_size, process_group)
     cost_model = resolve_model(cost_model)  # refused here, even where no layer is converted
     if group_size is not None and dist.is_initialized():
-        bn_groups(group_size)  # refused here too, and made on every rank even where no layer is converted
+        _bn_group(group_size)  # refused here too, and made on every rank even where no layer is converted
 
     def to_sync(layer: nn.Module, path: str) -> SyncBatchNorm | None:
         if not isinstance(layer, _BatchNorm) or isinstance(layer, (SyncBatchNorm, GhostBatchNorm)):

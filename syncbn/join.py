@@ -50,7 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_map
 
-from syncbn.batchnorm import SyncBatchNorm, bn_groups
+from syncbn.batchnorm import SyncBatchNorm, _bn_group
 
 
 def _emptied(args: tuple, kwargs: dict) -> tuple:
@@ -97,7 +97,7 @@ class SyncBatchNormJoinable(Joinable):
         # a layer alone (group_size 1) runs no collective and keeps its settings.
         self.layers = [layer for layer in self.layers if layer.group_size != 1]
         self._settings = [(layer.process_group, layer.group_size) for layer in self.layers]
-        self._groups = [bn_groups(size) if size is not None else group for group, size in self._settings]
+        self._groups = [_bn_group(size) if size is not None else group for group, size in self._settings]
         self._twins = _twin_groups(self._groups)
         for layer, group in zip(self.layers, self._groups):
             layer.process_group, layer.group_size = self._twins[_ranks(group)], None

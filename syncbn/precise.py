@@ -90,8 +90,8 @@ def _levels(network: nn.Module, batch: torch.Tensor, names: list[str]) -> list[i
         tainted: set[int] = set()
         hooks = [modules[name].register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))]
         hooks += [modules[later].register_forward_pre_hook(
-            lambda module, args, j=j: tainted.add(j) if torch.isnan(args[0]).any() else None)
-            for j, later in enumerate(names) if j > index]
+            lambda module, args, kwargs, j=j: tainted.add(j) if torch.isnan(_layer_input(args, kwargs)).any() else None,
+            with_kwargs=True) for j, later in enumerate(names) if j > index]
         try:
             network(batch)
         except Exception:  # noqa: BLE001 - whatever it raises on NaN, one layer at a time is right
@@ -127,13 +127,14 @@ def _layers_moments(network: nn.Module, layers: list[nn.Module], batches: Iterab
     totals = [torch.zeros(1 + 2 * layer.num_features, dtype=torch.float64, device=device) for layer in layers]
     seen: set[int] = set()
 
-    def measure(index: int, module: nn.Module, args: tuple) -> None:
-        totals[index] = _merge(totals[index], _moments(args[0]))
+    def measure(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        totals[index] = _merge(totals[index], _moments(_layer_input(args, kwargs)))
         seen.add(index)
         if len(seen) == len(layers):
             raise _Reached
 
-    hooks = [layer.register_forward_pre_hook(functools.partial(measure, index)) for index, layer in enumerate(layers)]
+    hooks = [layer.register_forward_pre_hook(functools.partial(measure, index), with_kwargs=True)
+             for index, layer in enumerate(layers)]
     try:
         for batch in batches:
             seen.clear()
@@ -147,16 +148,31 @@ def _layers_moments(network: nn.Module, layers: list[nn.Module], batches: Iterab
     return totals
 
 
-def _merged(local: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
-    """The ranks' moments of each layer merged in rank order (one all-gather): the same bits on every rank."""
-    if group is None:
-        return local
-    flat = torch.cat(local)
-    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, flat, group=group)
-    totals = [torch.zeros_like(row) for row in local]
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A BatchNorm's input, passed by position or as ``input=``."""
+    return args[0] if args else kwargs["input"]
+
+
+def _merged(local: list[torch.Tensor] | BaseException, shapes: list[int], group: dist.ProcessGroup | None,
+            device: torch.device) -> list[torch.Tensor]:
+    """The ranks' moments of each layer merged in rank order (one all-gather): the same bits on every
+    rank. ``local`` is the error of a rank that could not run its batches: every rank raises, none
+    waits for it (its flag travels with the moments)."""
+    failed = isinstance(local, BaseException)
+    rows = [torch.zeros(n, dtype=torch.float64, device=device) for n in shapes] if failed else local
+    flat = torch.cat([*rows, torch.tensor([float(failed)], dtype=torch.float64, device=device)])
+    everyone = [flat]
+    if group is not None:
+        everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, flat, group=group)
+    if failed:
+        raise local
+    stopped = [rank for rank, part in enumerate(everyone) if part[-1].item()]
+    if stopped:
+        raise RuntimeError(f"syncbn.precise_bn: rank(s) {stopped} could not run their batches (their error says why)")
+    totals = [torch.zeros_like(row) for row in rows]
     for part in everyone:
-        totals = [_merge(total, row) for total, row in zip(totals, part.split([row.numel() for row in local]))]
+        totals = [_merge(total, row) for total, row in zip(totals, part[:-1].split(shapes))]
     return totals
 
 
@@ -195,7 +211,9 @@ def _agreed_order(order: Plan | BaseException | None, group: dist.ProcessGroup |
     if any(theirs != orders[0] for theirs in orders):
         raise RuntimeError(f"syncbn.precise_bn: the ranks' forwards call the BatchNorm layers in different orders: "
                            f"{orders[0]} and {next(o for o in orders if o != orders[0])}")
-    return orders[0] if orders else ([], [])
+    if not orders:
+        raise ValueError("syncbn.precise_bn: no rank has a batch: the statistics would be left as they were")
+    return orders[0]
 
 
 def _own_order(network: nn.Module, batches: Iterable, device: torch.device) -> Plan | BaseException | None:
@@ -208,17 +226,31 @@ def _own_order(network: nn.Module, batches: Iterable, device: torch.device) -> P
         batch = _input(first, device)
         names = _call_order(network, batch)
         return names, _levels(network, batch, names)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:  # a batch of the wrong shape: RuntimeError
         return type(error)(*error.args)  # without its traceback, which does not pickle
 
 
 def _measure(network: nn.Module, modules: dict[str, nn.Module], names: list[str], batches: Iterable,
              device: torch.device, group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
     """Measure ``names`` in one pass and set their statistics; their merged moment rows."""
-    rows = _merged(_layers_moments(network, [modules[name] for name in names], batches, device), group)
+    rows = _merged(_own_moments(network, [modules[name] for name in names], batches, device),
+                   _shapes(modules, names), group, device)
     for name, row in zip(names, rows):
         _set_statistics(name, modules[name], row)
     return dict(zip(names, rows))
+
+
+def _own_moments(network: nn.Module, layers: list[nn.Module], batches: Iterable,
+                 device: torch.device) -> list[torch.Tensor] | BaseException:
+    """``_layers_moments``, or the error of a batch this rank cannot run (for ``_merged`` to share)."""
+    try:
+        return _layers_moments(network, layers, batches, device)
+    except Exception as error:  # noqa: BLE001 - any error of the rank's own batch is every rank's
+        return error
+
+
+def _shapes(modules: dict[str, nn.Module], names: list[str]) -> list[int]:
+    return [1 + 2 * modules[name].num_features for name in names]
 
 
 def _set_statistics(name: str, layer: nn.Module, row: torch.Tensor) -> None:
@@ -237,7 +269,8 @@ def _verified(network: nn.Module, modules: dict[str, nn.Module], names: list[str
     bits; from the first that differs, the layers are measured again one at a time, in call order.
     (Right, the new statistics are the population of inputs that they themselves produce: the same
     bits again. The statistics of a feed-forward network are the one set that does.)"""
-    again = _merged(_layers_moments(network, [modules[name] for name in names], batches, device), group)
+    again = _merged(_own_moments(network, [modules[name] for name in names], batches, device),
+                    _shapes(modules, names), group, device)
     wrong = next((index for index, (name, row) in enumerate(zip(names, again)) if not torch.equal(row, measured[name])),
                  None)
     for name in names[wrong:] if wrong is not None else []:

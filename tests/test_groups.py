@@ -98,15 +98,17 @@ def test_a_compiled_grouped_layer_has_no_graph_break_and_is_batchnorm_on_its_gro
 def groups_on_rank() -> dict:
     made = {k: bn_groups(k) for k in (1, 2, 4)}
     return dict(ranks={k: None if g is None else dist.get_process_group_ranks(g) for k, g in made.items()},
-                world=made[4] is dist.group.WORLD, again=bn_groups(2) is made[2],
-                layer_made_none=SyncBatchNorm(3, group_size=2)._group() is made[2])
+                world=made[4] is dist.group.WORLD, again=bn_groups(2) is made[2] and bn_groups(1) is made[1],
+                layer_made_none=SyncBatchNorm(3, group_size=2)._group() is made[2],
+                alone=SyncBatchNorm(3, group_size=1)._group() is None)
 
 
 def test_bn_groups_are_consecutive_ranks_made_once_per_world(gloo_group):
     for rank, result in enumerate(gloo_group(4).run(groups_on_rank)):
         pair = [rank // 2 * 2, rank // 2 * 2 + 1]
-        assert result["ranks"] == {1: None, 2: pair, 4: [0, 1, 2, 3]}, "k=1: no group; k=W: the world itself"
+        assert result["ranks"] == {1: [rank], 2: pair, 4: [0, 1, 2, 3]}, "k=1: the rank alone; k=W: the world itself"
         assert result["world"] and result["again"] and result["layer_made_none"]
+        assert result["alone"], "a layer of groups of one needs no group: no collective"
 
 
 # Gathers at 2 ranks (1 round against the tree's 2 x 0.6), reduces at 4 (3 rounds against 2 x 2 x 0.6).

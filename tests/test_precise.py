@@ -205,6 +205,52 @@ def test_one_ranks_bad_batch_is_every_ranks_error_not_a_hang(gloo_group):
         assert message.startswith("syncbn.precise_bn: each batch must be an input tensor")
 
 
+def wrong_shape_on_rank(where: str) -> str:
+    """Rank 1 holds a batch of 7 features for a network of 6: first, or after a good one."""
+    good = data((6,))
+    wrong = torch.randn(4, 7, dtype=torch.float64)
+    batches = ([wrong, *good] if where == "first" else [*good, wrong]) if dist.get_rank() == 1 else good
+    try:
+        precise_bn(mlp(), batches)
+    except RuntimeError as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_batch_one_rank_cannot_run_is_every_ranks_error_wherever_it_is(gloo_group, where):
+    """Found trying it: a wrong shape (torch's RuntimeError) on one rank left the other waiting in the
+    collective until the process group's timeout; now each rank raises at once (the group here
+    would time out after 20 s: the test's call fails at 60). Found in the first batch, every rank
+    raises its message; in a later one, the others say which rank could not."""
+    theirs, mine = gloo_group(2).run(wrong_shape_on_rank, where)
+    assert "mat1 and mat2 shapes cannot be multiplied" in mine
+    if where == "first":  # found while the ranks agree on the layers' order: its message travels with it
+        assert theirs == mine
+    else:
+        assert theirs == "RuntimeError: syncbn.precise_bn: rank(s) [1] could not run their batches (their error says why)"
+
+
+class ByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(6, 4).double(), nn.BatchNorm1d(4).double()
+
+    def forward(self, x):
+        return self.norm(input=self.linear(x))
+
+
+def test_a_layer_called_with_its_input_by_keyword_and_no_batch_anywhere():
+    model, inputs = ByKeyword(), torch.cat(data((6,)))
+    precise_bn(model, list(inputs.split(5)))
+    with torch.no_grad():
+        expected = model.linear(inputs)
+    torch.testing.assert_close(model.norm.running_mean, expected.mean(0), **PRECISE)
+    with pytest.raises(ValueError, match=r"^syncbn.precise_bn: no rank has a batch: the statistics would be left as "
+                                         r"they were$"):
+        precise_bn(model, [])
+
+
 class Branches(nn.Module):
     """Two branches, each Linear then BatchNorm, side by side; then a BatchNorm of their sum (it
     depends on both); ``between`` sits between the branches and the last layer (a NaN-hiding op, a

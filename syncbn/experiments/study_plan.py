@@ -129,6 +129,8 @@ def _problems(config: Config) -> Iterator[str]:
     models, norms, _, _ = study_lists(config)
     if "bn" in norms and "mlp" in models and 1 in batches:
         yield "norm=bn with model=mlp normalizes over the per-device batch and needs 2 samples or more, got 1"
+    if not uneven:
+        yield from _idle_groups(config)
 
 
 def _group_problems(config: Config) -> Iterator[str]:
@@ -146,6 +148,16 @@ def _group_problems(config: Config) -> Iterator[str]:
     unknown = [model for model in study.bn_group_models or [] if model not in MODELS]
     if unknown:
         yield f"study.bn_group_models: each must be one of {', '.join(MODELS)}, got {unknown[0]!r}"
+
+
+def _idle_groups(config: Config) -> Iterator[str]:
+    """Some k may find no world size (the experiment's defaults with fewer per-device batches): only a
+    list none of whose k makes a group is refused."""
+    study = config.study
+    worlds = [config.train.global_batch_size // b for b in study.per_device_batches or [] if b > 0]
+    if study.bn_groups and all(k >= 2 and not any(k < w and w % k == 0 for w in worlds) for k in study.bn_groups):
+        yield (f"study.bn_groups={study.bn_groups} makes no BN group: no world size of study.per_device_batches "
+               f"({', '.join(map(str, worlds))} devices) is a larger multiple of any of them")
 
 
 def check(config: Config) -> None:

@@ -119,7 +119,7 @@ def _world_problems(config: Config, world_size: int) -> Iterator[str]:
         yield f"fault.kill_at_step must be >= 1, got {fault.kill_at_step}"
 
 
-def _sweep_problems(config: Config) -> Iterator[str]:
+def _sweep_problems(config: Config, world_size: int) -> Iterator[str]:
     sweep = config.sweep
     for key, values in (("weight_scales", sweep.weight_scales), ("norms", sweep.norms), ("seeds", sweep.seeds),
                         ("bn_slices", sweep.bn_slices), ("bn_groups", sweep.bn_groups)):
@@ -136,7 +136,7 @@ def _sweep_problems(config: Config) -> Iterator[str]:
         yield f"sweep.bn_slices must all be >= 1 (samples per slice), got {sweep.bn_slices}"
     if any(size < 1 for size in sweep.bn_groups or []):
         yield f"sweep.bn_groups must all be >= 1, got {sweep.bn_groups}"
-    yield from _group_problems(config)
+    yield from _group_problems(config, world_size)
     if not is_sweep(config):
         return
     if config.train.precision == "fp16":
@@ -148,7 +148,7 @@ def _sweep_problems(config: Config) -> Iterator[str]:
         yield "the batch-size study (study.per_device_batch) trains single runs: leave sweep.* null"
 
 
-def _group_problems(config: Config) -> Iterator[str]:
+def _group_problems(config: Config, world_size: int) -> Iterator[str]:
     sweep, norms = config.sweep, {member.norm for member in members(config)}
     if sweep.bn_slices is not None and "bn" not in norms and not (sweep.bn_groups and "syncbn" in norms):
         yield ("sweep.bn_slices sizes the slices of per-rank BatchNorm members (norm=bn or sweep.norms with bn), or "
@@ -159,6 +159,9 @@ def _group_problems(config: Config) -> Iterator[str]:
         yield ("sweep.bn_groups emulates BN groups of synchronized BatchNorm members over ranks of sweep.bn_slices "
                "samples: it needs norm=syncbn (or sweep.norms with syncbn) and sweep.bn_slices")
         return
+    if world_size > 1:  # each real rank would group its own slices, not the global batch's
+        yield (f"sweep.bn_groups emulates BN groups in one process, the whole global batch its ranks; at {world_size} "
+               "ranks leave it out (norm.group_size makes BN groups of real ranks)")
     made = {member.bn_group for member in members(config)}
     lost = [k for k in sweep.bn_groups if k not in made]
     if lost:
@@ -170,7 +173,7 @@ def _problems(config: Config, world_size: int) -> Iterator[str]:
     """Every value the types allow but a run cannot use, as a message naming the key."""
     yield from _number_problems(config)
     yield from _choice_problems(config)
-    yield from _sweep_problems(config)
+    yield from _sweep_problems(config, world_size)
     yield from _norm_problems(config, world_size)
     yield from _value_problems(config)
     yield from _world_problems(config, world_size)

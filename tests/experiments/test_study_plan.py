@@ -180,6 +180,10 @@ def test_a_study_job_is_saved_with_its_rows_and_epochs(tmp_path):
     (["study.per_device_batches=[2,1]"], "norm=bn with model=mlp normalizes over the per-device batch and needs 2 "
                                          "samples or more, got 1"),
     (["study.bn_groups=[1,2]"], "study.bn_groups must all be >= 2 (a group of 1 is per-rank BN, norm bn), got [1, 2]"),
+    (["study.bn_groups=[3,32]"], "study.bn_groups=[3, 32] makes no BN group: no world size of "
+                                 "study.per_device_batches (1, 2, 4, 8, 16, 32 devices) is a larger multiple of any of them"),
+    (["study.per_device_batches=[64,32]"], "study.bn_groups=[2, 4, 8, 16] makes no BN group: no world size of "
+                                           "study.per_device_batches (1, 2 devices) is a larger multiple of any of them"),
     (["study.bn_groups=[2,2]"], "study.bn_groups must list distinct values, or be null, got [2, 2]"),
     (["study.bn_groups=[]"], "study.bn_groups must list distinct values, or be null, got []"),
     (["study.bn_group_models=[mlp,mpl]"], "study.bn_group_models: each must be one of mlp, cnn, got 'mpl'"),

@@ -239,6 +239,9 @@ BOUNDARIES = [
      "sweep.bn_groups emulates BN groups of synchronized BatchNorm members over ranks of sweep.bn_slices samples: it "
      "needs norm=syncbn (or sweep.norms with syncbn) and sweep.bn_slices"),
     (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2]"], 1, None),
+    (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2]"], 2,  # found trying it: each rank grouped its own
+     "sweep.bn_groups emulates BN groups in one process, the whole global batch its ranks; at 2 ranks leave it out "
+     "(norm.group_size makes BN groups of real ranks)"),
     (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[2,10]"], 1, None),  # 50: less than 100, a divisor
     (["norm=syncbn", "sweep.bn_slices=[5]", "sweep.bn_groups=[3]"], 1,
      "sweep.bn_groups=3: with no slice size of sweep.bn_slices=[5] is a group of 3 ranks smaller than "
