@@ -105,6 +105,30 @@ def peers_gone(run_dir: Path, resume: str) -> Iterator[None]:
         sys.exit(1)
 
 
+def end_when_the_rendezvous_closes() -> None:
+    """Another node's agent whose workers failed closes the rendezvous and ends; an agent whose own
+    workers still run never looks: torch's agent asks the rendezvous only how many nodes wait to
+    join. Where one of those workers hangs (stopped, or waiting on a peer that is gone), the node
+    waited forever (found by the chaos run: a rank SIGSTOPped on the node holding the store). Asked
+    that, the rendezvous now also says whether it closed, by raising: the agent stops its workers
+    (SIGKILL after its grace, for one that cannot stop) and ``peers_gone`` says so in one line."""
+    from torch.distributed.elastic.rendezvous import RendezvousClosedError
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    waiting = DynamicRendezvousHandler.num_nodes_waiting
+    if getattr(waiting, "ends_when_closed", False):
+        return
+
+    def num_nodes_waiting(self: DynamicRendezvousHandler) -> int:
+        count = waiting(self)
+        if self.is_closed():
+            raise RendezvousClosedError("another node ended and closed the rendezvous")
+        return count
+
+    num_nodes_waiting.ends_when_closed = True  # type: ignore[attr-defined]
+    DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting  # type: ignore[method-assign]
+
+
 def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, endings.raise_on_sigterm)  # torchrun's own handler comes with the ranks
     launcher_args, overrides = split(argv)
@@ -117,6 +141,7 @@ def main(argv: list[str]) -> None:
         if world_size is not None and (status := check(world_size, overrides)):
             sys.exit(status)
         distributed.quiet_launcher()
+        end_when_the_rendezvous_closes()
         logging.getLogger(torchrun.__name__).setLevel(logging.ERROR)  # its OMP_NUM_THREADS notice
         log_dir = args.log_dir = distributed.elastic_log_dir()  # torchrun's own would stay in /tmp
         try:

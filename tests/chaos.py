@@ -274,11 +274,12 @@ def one_fault(fault: Fault, ref: Reference, root: Path, rng: random.Random, clus
     injected = time.monotonic()
     if launch.wait(TIMEOUT_S + GRACE_S + 60):
         outcome.seconds_to_message = round(time.monotonic() - injected, 2)
-    else:
+    else:  # its processes go first: reading the pipes of live ones would wait with them
         outcome.hung = True
+        outcome.left_behind = launch.kill_everything()
     outcome.lines = [line for line in launch.stderr_lines()[before:] if line.strip()]
     settle(tag)
-    outcome.left_behind = launch.kill_everything()
+    outcome.left_behind += launch.kill_everything()
     settle(tag, 5)
     while not (run_dir / "metrics.jsonl").exists() or not launch.finished():
         if outcome.resumes == 4:

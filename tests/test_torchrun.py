@@ -214,3 +214,50 @@ def test_a_node_whose_peers_never_join_ends_after_the_join_timeout_in_one_line(t
         "syncbn.train: error: the other nodes did not join the rendezvous within its join timeout (JOIN_TIMEOUT_S "
         f"of launch/multinode.sh, 600 s by default): training stopped before the first checkpoint; {run_dir} has "
         "nothing to resume"])
+
+
+def worker_of(launcher: int, deadline: float) -> int:
+    """The pid of the worker a node's torchrun (its own process, bash exec'd it) started."""
+    while time.monotonic() < deadline:
+        for line in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+            if "syncbn.train" in Path(f"/proc/{line}/cmdline").read_text() and \
+                    "--check" not in Path(f"/proc/{line}/cmdline").read_text():
+                return int(line)
+        time.sleep(0.05)
+    raise AssertionError("no worker started")
+
+
+def test_a_node_whose_rank_hangs_ends_once_the_other_node_has_failed(tmp_path):
+    """Two nodes of one rank; the rank of the node that started first (it holds the rendezvous's
+    store) is SIGSTOPped mid-run. The other's rank fails at dist.timeout_s and its node ends; the
+    hung one's agent saw only its own worker, still running, and waited forever (found by the chaos
+    run); now it sees the rendezvous closed, stops its worker (SIGKILL after torch's 30 s grace) and
+    ends in one line. Measured: about 50 s from the stop."""
+    run_dir = tmp_path / "run"
+    env = {**ENV, "HEAD": f"localhost:{free_port()}", "NNODES": "2", "RUN_ID": "hung", "OMP_NUM_THREADS": "1",
+           "SYNCBN_RUN_DIR": str(run_dir)}
+    command = ["bash", "launch/multinode.sh", "train.epochs=200", "dist.timeout_s=5", "data.train_size=400",
+               "model.hidden=[20]"]
+    first = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(1)
+    second = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        worker = worker_of(first.pid, time.monotonic() + 60)
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        second.communicate(timeout=60)
+        _, stderr = first.communicate(timeout=90)
+        assert time.monotonic() - stopped < 80
+        assert first.returncode == 1 and len(stderr.splitlines()) == 1, stderr
+        assert stderr.startswith("syncbn.train: error: the rendezvous with the other nodes is gone "
+                                 "(RendezvousClosedError): every node stopped at epoch "), stderr
+    finally:
+        for node in (first, second):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
