@@ -12,7 +12,7 @@ from collections import defaultdict
 from syncbn.experiments.summary import plt
 
 EVALUATIONS = {  # column -> its label
-    "final_train_acc": "train accuracy",
+    "final_train_acc": "training set, running statistics",
     "final_test_acc": "test, running statistics",
     "final_precise_test_acc": "test, PreciseBN statistics",
     "final_batch_test_acc": "test, batch statistics",
@@ -78,8 +78,10 @@ def draw_spans(ax, rows: list[dict], model: str) -> None:
     curves = span_curves(rows, model)
     for b in sorted(curves):
         _curve(ax, curves[b], label=f"b={b}")
-    _axes(ax, sorted({s for spans in curves.values() for s in spans}), f"{model.upper()}: BN groups of k devices "
-          "of b samples", "BN span b x k (per-rank BN: k = 1; synchronized BN: the global batch)",
+    heading = (f"{model.upper()}: BN groups of k devices of b samples" if has_groups(rows, model) else
+               f"{model.upper()}: per-rank BN and synchronized BN (no groups run)")
+    _axes(ax, sorted({s for spans in curves.values() for s in spans}), heading,
+          "BN span b x k (per-rank BN: k = 1; synchronized BN: the global batch)",
           "final test accuracy", title="per-device batch", title_fontsize=7)
 
 

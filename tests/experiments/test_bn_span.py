@@ -48,7 +48,7 @@ def test_per_rank_bn_is_read_three_ways_beside_its_training_accuracy_and_groups_
     assert found["final_precise_test_acc"] == {2: [0.45, 0.55], 8: [0.91]}
     assert bn_span.evaluations([*EVALUATED, grouped], "mlp", "syncbn") == {}, "a BN group is not synchronized BN"
     assert bn_span.evaluation_table(EVALUATED).splitlines() == [
-        "| model | norm | b | train accuracy | test, running statistics | test, PreciseBN statistics | "
+        "| model | norm | b | training set, running statistics | test, running statistics | test, PreciseBN statistics | "
         "test, batch statistics |", "|---|---|---|---|---|---|---|",
         "| mlp | bn | 8 | 0.990 (0.990-0.990) | 0.900 (0.900-0.900) | 0.910 (0.910-0.910) | 0.920 (0.920-0.920) |",
         "| mlp | bn | 2 | 0.600 (0.500-0.700) | 0.300 (0.200-0.400) | 0.500 (0.450-0.550) | 0.500 (0.480-0.520) |"]
