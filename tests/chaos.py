@@ -338,7 +338,7 @@ def maybe_cluster(launchers: tuple[str, ...], root: Path) -> Iterator[object]:
         daemons.stop()
 
 
-def chaos(faults: int, seed: int, launchers: tuple[str, ...], root: Path, log=print) -> list[Outcome]:
+def chaos(faults: int, seed: int, launchers: tuple[str, ...], root: Path, log=print, save=None) -> list[Outcome]:
     plan = schedule(faults, seed, launchers)
     rng = random.Random(seed + 1)
     outcomes = []
@@ -353,6 +353,8 @@ def chaos(faults: int, seed: int, launchers: tuple[str, ...], root: Path, log=pr
             log(f"{len(outcomes)}/{faults} {fault.launcher} {fault.workload} {fault.kind} at "
                 f"{fault.moment:.2f} ({o.hit}): resumes {o.resumes}, differs {o.differs}, left {o.left_behind}, "
                 f"stray {o.stray_files}, {o.seconds_to_message} s, lines {o.lines}")
+            if save is not None:  # every outcome on disk as it comes: a run cut short still reports
+                save(outcomes)
     return outcomes
 
 
@@ -369,13 +371,18 @@ def main(argv: list[str] | None = None) -> int:
         print(report([Outcome(**dict(o, fault=Fault(**o["fault"]))) for o in saved["outcomes"]]))
         print(f"{len(saved['outcomes'])} faults in {saved['minutes']} min: {saved['command']}")
         return 0
-    with tempfile.TemporaryDirectory(prefix="syncbn-chaos-") as scratch:
-        start = time.monotonic()
-        outcomes = chaos(args.faults, args.seed, tuple(args.launchers), Path(scratch))
-        minutes = (time.monotonic() - start) / 60
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(command=" ".join(["python -m tests.chaos", *(argv or sys.argv[1:])]),
-                                        minutes=round(minutes, 1), outcomes=[asdict(o) for o in outcomes]), indent=1))
+    start = time.monotonic()
+
+    def save(outcomes: list[Outcome]) -> None:
+        minutes = (time.monotonic() - start) / 60
+        args.out.write_text(json.dumps(dict(command=" ".join(["python -m tests.chaos", *(argv or sys.argv[1:])]),
+                                            minutes=round(minutes, 1), outcomes=[asdict(o) for o in outcomes]), indent=1))
+
+    with tempfile.TemporaryDirectory(prefix="syncbn-chaos-") as scratch:
+        outcomes = chaos(args.faults, args.seed, tuple(args.launchers), Path(scratch), save=save)
+    save(outcomes)
+    minutes = (time.monotonic() - start) / 60
     print(report(outcomes))
     print(f"{len(outcomes)} faults in {minutes:.1f} min; every outcome in {args.out}")
     bad = [o for o in outcomes if o.differs or o.left_behind or o.stray_files or o.hung or len(own_lines(o.lines)) > 3]
