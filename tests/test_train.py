@@ -20,7 +20,8 @@ from syncbn.experiments.weight_scale import SUMMARY_COLUMNS
 from syncbn.training import checkpoint
 from syncbn.experiments.weight_scale import main as plot_main
 
-METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "epoch", "train_acc", "test_acc", "train_loss", "diverged", "seconds"}
+METRIC_KEYS = {"norm", "weight_scale", "seed", "world_size", "group_size", "epoch", "train_acc", "test_acc", "train_loss",
+               "diverged", "seconds"}
 
 
 RUN = ["train.epochs=3", "train.checkpoint_every_steps=7"]  # the reference run's overrides, for every launcher
@@ -40,7 +41,7 @@ def test_cpu_simulation_runs_two_ranks_and_writes_metrics(uninterrupted):
     assert "epoch 3/3" in result.stdout
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert all(set(r) == METRIC_KEYS and r["world_size"] == 2 and not r["diverged"] for r in records)
+    assert all(set(r) == METRIC_KEYS and r["world_size"] == r["group_size"] == 2 and not r["diverged"] for r in records)
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
 
 

@@ -152,8 +152,11 @@ def _group_problems(config: Config) -> Iterator[str]:
 
 def _idle_groups(config: Config) -> Iterator[str]:
     """Some k may find no world size (the experiment's defaults with fewer per-device batches): only a
-    list none of whose k makes a group is refused."""
+    list none of whose k makes a group, in a study whose syncbn and models would have groups, is refused."""
     study = config.study
+    models, norms, _, _ = study_lists(config)
+    if "syncbn" not in norms or not set(models) & set(study.bn_group_models or models):
+        return  # no group would be made anyway (a study of other norms or models keeps the defaults)
     worlds = [config.train.global_batch_size // b for b in study.per_device_batches or [] if b > 0]
     if study.bn_groups and all(k >= 2 and not any(k < w and w % k == 0 for w in worlds) for k in study.bn_groups):
         yield (f"study.bn_groups={study.bn_groups} makes no BN group: no world size of study.per_device_batches "

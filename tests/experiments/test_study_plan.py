@@ -206,7 +206,9 @@ def test_bn_groups_are_rows_of_the_studys_syncbn_in_the_models_named(overrides, 
     assert len([r for r in rows if r["norm"] == "syncbn" and r["group_size"] != r["world_size"]]) == grouped
 
 
-@pytest.mark.parametrize("overrides", [["study.per_device_batches=[2,1]", "study.models=[cnn]"],
+@pytest.mark.parametrize("overrides", [["study.per_device_batches=[64]", "study.norms=[bn]"],  # groups: none to make
+                                       ["study.per_device_batches=[64]", "study.models=[cnn]"],
+                                       ["study.per_device_batches=[2,1]", "study.models=[cnn]"],
                                        ["study.per_device_batches=[2,1]", "study.norms=[syncbn]"],
                                        ["study.models=null", "study.norms=null", "study.seeds=null"]])
 def test_fused_studies_at_the_limits_are_planned(overrides):
