@@ -358,10 +358,11 @@ def quiet_launcher() -> None:
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     if leaked not in filters:  # once, not once per run of a sweep
         os.environ["PYTHONWARNINGS"] = ",".join([*filters, leaked])
-    # The ranks' c10d C++ warnings (a peer that stopped answering: two lines with its socket's
-    # addresses before the app's line says which rank failed and why), as launch/torchrun.sh does;
-    # read when a process imports torch: the rank server does, after this.
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # The ranks' c10d C++ warnings and errors (a peer that stopped answering: lines with its socket's
+    # addresses, a store client's timeout with 40 stack frames, before the app's line says which rank
+    # failed and why), as launch/torchrun.sh does; read when a process imports torch: the rank server
+    # does, after this.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 
 def share_cpu_threads() -> None:

@@ -261,3 +261,23 @@ def test_a_node_whose_rank_hangs_ends_once_the_other_node_has_failed(tmp_path):
         for node in (first, second):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
+
+
+def test_a_killed_torchrun_leaves_no_cpp_log_of_its_ranks(tmp_path):
+    """SIGKILL of torchrun as its ranks start (found by the chaos run): they dial the store it held, and each printed
+    c10d's C++ errors, a store client's timeout with 40 stack frames; the wrapper leaves c10d's C++
+    logs out, so what the ranks print is nothing or their one line each."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(launch(run_dir, "train.epochs=200", "dist.timeout_s=5", "data.train_size=400",
+                                       "model.hidden=[20]"),
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, **ENV, "SYNCBN_RUN_DIR": str(run_dir)})
+    try:
+        worker_of(launcher.pid, time.monotonic() + 90)  # killed in their start-up: they still dial its store
+        launcher.kill()
+        _, stderr = launcher.communicate(timeout=90)  # the ranks hold the pipe until they end
+        assert not [line for line in stderr.splitlines() if line.startswith(("[E", "[W", "frame #", "Exception"))], stderr
+        assert len(stderr.splitlines()) <= 2, stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
